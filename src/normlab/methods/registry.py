@@ -1,0 +1,308 @@
+"""One registry of normalization methods and one way to apply them to any model.
+
+A method registers itself once, with a name, a one-line description and either
+
+* a ``layer`` factory ``layer(num_features, dims, **options) -> nn.Module``: a normalization layer.
+  Models are built with it (``norm="bn"``) and ``apply`` swaps it in for every normalization layer
+  of an existing model (``BatchNorm*d`` and every registered normalization layer type), or
+* an ``apply`` function ``fn(handle, **options)`` that prepares ``handle.model`` and adds auxiliary
+  losses or optimizer-step hooks to the handle (the standardization loss, weight transforms, ...).
+
+``apply(model, "ws+gn", **options)`` applies one method or a ``+`` combination and returns a
+:class:`Handle`, which the training engine uses the same way for every method::
+
+    handle = normlab.apply(model, "std_loss", weight=1.0)
+    loss = task_loss(handle.model(x), y) + handle.aux_loss()
+    loss.backward(); handle.before_step(); opt.step(); handle.after_step()
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Handle", "Method", "register", "register_norm_type", "methods", "apply", "norm_layer",
+           "swap_norms", "norm_types", "get_method"]
+
+# kinds: "norm" replaces normalization layers (at most one per combination), "weight" transforms
+# weights, "loss" adds an auxiliary loss, "step" acts around the optimizer step.
+KINDS = ("norm", "weight", "loss", "step")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its name, one-line description, kind, and how to apply it."""
+
+    name: str
+    description: str
+    kind: str
+    apply: Callable[..., None]
+    layer: Callable[..., nn.Module] | None = None
+    options: tuple[str, ...] = ()
+
+
+_METHODS: dict[str, Method] = {}
+_NORM_TYPES: dict[type, int | None] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+
+
+@dataclass
+class Handle:
+    """What :func:`apply` returns: the prepared model, its auxiliary losses and step hooks.
+
+    ``aux_loss()`` sums the auxiliary losses recorded during the last forward pass (a zero tensor
+    when the methods add none), ``before_step()`` runs after ``backward`` and before
+    ``optimizer.step()`` (gradient transforms), ``after_step()`` after it (weight projections).
+    ``remove()`` takes off every hook the methods attached. ``swapped`` lists the replaced layers;
+    ``state`` holds each method's own objects by method name (e.g. the ``StandardizationLoss``).
+    """
+
+    model: nn.Module
+    spec: str = ""
+    losses: list[Callable[[], Tensor]] = field(default_factory=list)
+    pre_step: list[Callable[[], None]] = field(default_factory=list)
+    post_step: list[Callable[[], None]] = field(default_factory=list)
+    removers: list[Callable[[], None]] = field(default_factory=list)
+    swapped: list[str] = field(default_factory=list)
+    state: dict[str, object] = field(default_factory=dict)
+
+    def aux_loss(self) -> Tensor:
+        """Sum of the auxiliary losses of the last forward pass (0 if none)."""
+        total: Tensor | None = None
+        for loss in self.losses:
+            value = loss()
+            total = value if total is None else total + value
+        return torch.zeros(()) if total is None else total
+
+    def before_step(self) -> None:
+        """Run the methods' gradient hooks (call between ``backward()`` and ``optimizer.step()``)."""
+        for fn in self.pre_step:
+            fn()
+
+    def after_step(self) -> None:
+        """Run the methods' post-update hooks (call right after ``optimizer.step()``)."""
+        for fn in self.post_step:
+            fn()
+
+    def remove(self) -> None:
+        """Remove every hook the methods attached (layer swaps stay)."""
+        for fn in reversed(self.removers):
+            fn()
+        self.removers.clear()
+        self.losses.clear()
+        self.pre_step.clear()
+        self.post_step.clear()
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def register_norm_type(cls: type, dims: int | None = None) -> type:
+    """Declare ``cls`` a normalization layer that :func:`swap_norms` must find (``dims``: spatial dims)."""
+    _NORM_TYPES[cls] = dims
+    return cls
+
+
+def norm_types() -> tuple[type, ...]:
+    """Every layer type that counts as a normalization layer for swapping and stripping."""
+    return tuple(_NORM_TYPES)
+
+
+def _option_names(fn: Callable[..., object], skip: int) -> tuple[str, ...]:
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def register(name: str, description: str, *, kind: str = "norm",
+             layer: Callable[..., nn.Module] | None = None):
+    """Register a method under ``name``; use as a decorator on its apply function ``fn(handle, **opts)``.
+
+    For a plain normalization layer pass ``layer=`` and call ``register(...)(None)``: the apply
+    function is then the generic swap of every normalization layer for ``layer(num_features, dims)``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+    def deco(fn: Callable[..., None] | None):
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        if fn is None:
+            if layer is None:
+                raise ValueError(f"method {name!r} needs an apply function or a layer factory")
+
+            def fn(handle: Handle, **options) -> None:
+                _swap_apply(handle, name, layer, options)
+
+            options = _option_names(layer, 2)
+        else:
+            options = _option_names(fn, 1)
+        _METHODS[name] = Method(name, description, kind, fn, layer, options)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; a clear error listing the names otherwise."""
+    _load_builtin()
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}") from None
+
+
+def methods() -> dict[str, str]:
+    """Every registered method name with its one-line description, sorted by name."""
+    _load_builtin()
+    return {name: _METHODS[name].description for name in sorted(_METHODS)}
+
+
+def norm_layer(name: str, num_features: int, dims: int | None = 2, **options) -> nn.Module:
+    """Build the normalization layer of method ``name`` for ``num_features`` channels.
+
+    ``dims`` is the number of spatial dims of the input (0 for (N, C), 1 for (N, C, L), 2 for
+    images). Used by :mod:`normlab.models`, which never name a normalization themselves.
+    """
+    method = get_method(name)
+    if method.layer is None:
+        layered = sorted(n for n, m in _METHODS.items() if m.layer is not None)
+        raise ValueError(
+            f"method {name!r} is not a normalization layer and cannot be built into a model; "
+            f"build the model with one of {layered} and then call normlab.apply(model, {name!r})"
+        )
+    _check_options(method, options)
+    return method.layer(num_features, dims, **options)
+
+
+def _features_and_dims(module: nn.Module) -> tuple[int, int | None]:
+    dims = _NORM_TYPES.get(type(module))
+    if dims is None:
+        dims = getattr(module, "spatial_dims", None)
+    for attr in ("num_features", "num_channels"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr)), dims
+    raise TypeError(f"cannot tell the channel count of {type(module).__name__}")
+
+
+def swap_norms(model: nn.Module, factory: Callable[[int, int | None], nn.Module]) -> list[str]:
+    """Replace every normalization layer of ``model`` in place by ``factory(num_features, dims)``.
+
+    Finds ``BatchNorm*d`` and every registered normalization type at any depth (nested modules,
+    ``nn.Sequential``, ``nn.ModuleList``/``ModuleDict``), keeps channel counts, device and dtype,
+    and returns the qualified names of the replaced layers. The root module itself is not replaced.
+    """
+    types = norm_types()
+    targets = [(name, m) for name, m in model.named_modules() if name and isinstance(m, types)]
+    for name, old in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        num_features, dims = _features_and_dims(old)
+        new = factory(num_features, dims)
+        ref = next(old.parameters(), None)
+        if ref is None:
+            ref = next(old.buffers(), None)
+        if ref is not None:
+            new = new.to(device=ref.device)
+            if ref.is_floating_point():
+                new = new.to(dtype=ref.dtype)
+        new.train(old.training)
+        setattr(parent, child, new)
+    return [name for name, _ in targets]
+
+
+def _swap_apply(handle: Handle, name: str, layer: Callable[..., nn.Module], options: dict) -> None:
+    swapped = swap_norms(handle.model, lambda nf, dims: layer(nf, dims, **options))
+    if not swapped:
+        raise ValueError(
+            f"method {name!r} replaces normalization layers, but the model has none "
+            f"(looked for {', '.join(t.__name__ for t in norm_types())}); build the model with "
+            "norm='bn' placeholders (normlab.models do) or insert BatchNorm layers where the "
+            "normalization should go"
+        )
+    handle.swapped.extend(swapped)
+
+
+def _check_options(method: Method, options: dict) -> None:
+    unknown = sorted(set(options) - set(method.options))
+    if unknown:
+        allowed = ", ".join(method.options) or "none"
+        raise TypeError(f"method {method.name!r} got unknown option(s) {unknown}; allowed: {allowed}")
+
+
+def parse_spec(spec: str) -> list[Method]:
+    """Split ``"ws+gn"`` into registered methods and check the combination is compatible."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"spec must be a method name or names joined by '+', got {spec!r}; "
+                         f"available: {', '.join(methods())}")
+    parts = [get_method(p.strip()) for p in spec.split("+")]
+    names = [m.name for m in parts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"spec {spec!r} names a method twice")
+    norms = [m.name for m in parts if m.kind == "norm"]
+    if len(norms) > 1:
+        raise ValueError(
+            f"spec {spec!r} combines {norms}, which each replace the normalization layers; "
+            "keep one of them (combine it with weight/loss/step methods such as ws, bwn, msr)"
+        )
+    return parts
+
+
+def _route(parts: Iterable[Method], options: dict) -> dict[str, dict]:
+    parts = list(parts)
+    routed: dict[str, dict] = {m.name: {} for m in parts}
+    for key, value in options.items():
+        if "." in key:
+            target, _, opt = key.partition(".")
+            if target not in routed:
+                raise TypeError(f"option {key!r} names method {target!r}, which is not in the spec")
+            routed[target][opt] = value
+            continue
+        takers = [m.name for m in parts if key in m.options]
+        if not takers:
+            allowed = {m.name: list(m.options) for m in parts}
+            raise TypeError(f"unknown option {key!r}; options by method: {allowed}")
+        if len(takers) > 1:
+            raise TypeError(f"option {key!r} is accepted by {takers}; pass it as "
+                            f"'{takers[0]}.{key}' to say which")
+        routed[takers[0]][key] = value
+    for m in parts:
+        _check_options(m, routed[m.name])
+    return routed
+
+
+def apply(model: nn.Module, spec: str, **options) -> Handle:
+    """Apply method ``spec`` (a registered name or a ``+`` combination) to ``model`` in place.
+
+    Options go to the method that accepts them; ``"name.option"`` keys say which method when
+    several accept the same option. Normalization-layer methods are applied first, then the
+    others in the order given. Returns a :class:`Handle` with the model, auxiliary losses and
+    optimizer-step hooks. Unknown names, incompatible combinations, unknown options and models with
+    nothing to convert raise errors listing what is available.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    parts = parse_spec(spec)
+    routed = _route(parts, options)
+    handle = Handle(model=model, spec=spec)
+    for method in sorted(parts, key=lambda m: m.kind != "norm"):
+        method.apply(handle, **routed[method.name])
+    return handle
+
+
+_LOADED = False
+
+
+def _load_builtin() -> None:
+    # Import the method modules once so that they register themselves.
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        import importlib
+
+        importlib.import_module("normlab.methods").load_all()
