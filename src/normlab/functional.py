@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["channel_moments", "standardization_kl"]
+__all__ = ["channel_moments", "standardization_kl", "layer_kls"]
 
 _REDUCTIONS = ("sum", "mean", "none")
 
@@ -64,40 +64,80 @@ def channel_moments(z: Tensor, dim: int | Sequence[int] | None = None) -> tuple[
     return mean, var
 
 
-class _ChannelKL(torch.autograd.Function):
-    """Per-channel KL with an analytic backward.
+def _broadcast_shape(z: Tensor, dims: tuple[int, ...] | None) -> list[int]:
+    # Shape of a per-statistic tensor that broadcasts against z (1 on the reduced dims).
+    reduced = (0, *range(2, z.dim())) if dims is None else dims
+    return [1 if d in reduced else size for d, size in enumerate(z.shape)]
 
-    d kl_c / d z = (mu_c + (1 - 1/(var_c + eps)) * (z - mu_c)) / n, so the whole backward is one
-    fused ``a_c + b_c * z`` over ``z``: no autograd graph through the moments.
+
+class _KL(torch.autograd.Function):
+    """Per-layer standardization KL of several tensors at once, with an analytic backward.
+
+    With ``r_c = 1 / (var_c + eps)`` and ``n`` elements per statistic,
+    ``d kl_c / d z = ((1 - r_c) * z + mu_c * r_c) / n``: the whole backward of a layer is one
+    fused ``a_c + b_c * z`` over ``z`` (``a``, ``b`` prepared in the forward pass), with no autograd
+    graph through the moments. The small per-channel maths of all layers is done once on their
+    concatenated statistics: on a small network those tiny ops, not the big tensors, dominate.
+
+    Returns the per-layer reduced values (``"sum"``/``"mean"``, shape (L,)) or the concatenated
+    per-statistic values (``"none"``).
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, eps: float, dims: tuple[int, ...] | None) -> Tensor:  # type: ignore[override]
-        mean, var = channel_moments(z, dims)
-        kl = 0.5 * (mean * mean + var - torch.log(var + eps) - 1.0)
-        ctx.save_for_backward(z, mean, var)
-        ctx.eps, ctx.dims = eps, dims
-        return kl
+    def forward(ctx, eps: float, dims: tuple[int, ...] | None, reduction: str, *zs: Tensor) -> Tensor:  # type: ignore[override]
+        moments = [channel_moments(z, dims) for z in zs]
+        sizes = [m.numel() for m, _ in moments]
+        if len(zs) == 1:
+            mean, var = moments[0][0].reshape(-1), moments[0][1].reshape(-1)
+        else:
+            mean = torch.cat([m.reshape(-1) for m, _ in moments])
+            var = torch.cat([v.reshape(-1) for _, v in moments])
+        veps = var + eps
+        kl = (torch.addcmul(var, mean, mean) - torch.log(veps)).sub_(1.0).mul_(0.5)
+        per_layer = [1.0 / (z.numel() // c) / (c if reduction == "mean" else 1) for z, c in zip(zs, sizes)]
+        if len(zs) == 1:
+            scale: Tensor | float = per_layer[0]
+        else:
+            scale = torch.repeat_interleave(torch.tensor(per_layer, dtype=var.dtype), torch.tensor(sizes))
+        r = veps.reciprocal_()
+        b = torch.rsub(r, 1.0).mul_(scale)
+        a = (mean * r).mul_(scale)
+        ctx.save_for_backward(a, b, *zs)
+        ctx.sizes, ctx.dims, ctx.vector = sizes, dims, reduction == "none"
+        if reduction == "none":
+            return kl
+        sums = kl.sum().view(1) if len(zs) == 1 else torch.stack([part.sum() for part in kl.split(sizes)])
+        if reduction == "mean":
+            sums = sums / torch.tensor(sizes, dtype=sums.dtype)
+        return sums
 
     @staticmethod
-    def backward(ctx, grad_kl: Tensor):  # type: ignore[override]
-        z, mean, var = ctx.saved_tensors
-        dims = _reduced_dims(z, ctx.dims)
-        n = 1
-        for d in dims:
-            n *= z.shape[d]
-        b = grad_kl * (1.0 - 1.0 / (var + ctx.eps)) / n
-        a = grad_kl * mean / n - b * mean
-        shape = [1] * z.dim()
-        for d in range(z.dim()):
-            if d not in dims:
-                shape[d] = z.shape[d]
-        a, b = a.view(shape), b.view(shape)
-        if z.dtype == a.dtype:
-            grad_z = torch.addcmul(a, b, z)
-        else:
-            grad_z = torch.addcmul(a, b, z.to(a.dtype)).to(z.dtype)
-        return grad_z, None, None
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a, b, *zs = ctx.saved_tensors
+        if not ctx.vector:
+            grad = grad if len(zs) == 1 else torch.repeat_interleave(grad, torch.tensor(ctx.sizes))
+        a, b = a * grad, b * grad
+        grads = []
+        for z, a_l, b_l in zip(zs, a.split(ctx.sizes), b.split(ctx.sizes)):
+            shape = _broadcast_shape(z, ctx.dims)
+            a_l, b_l = a_l.view(shape), b_l.view(shape)
+            g = torch.addcmul(a_l, b_l, z) if z.dtype == a_l.dtype else torch.addcmul(a_l, b_l, z.to(a_l.dtype)).to(z.dtype)
+            grads.append(g)
+        return (None, None, None, *grads)
+
+
+def layer_kls(zs: Sequence[Tensor], eps: float = 1e-5, reduction: str = "sum") -> Tensor:
+    """``standardization_kl`` of each tensor of ``zs`` (channel = dim 1), as one vector of shape (L,).
+
+    Equal to ``torch.stack([standardization_kl(z, eps=eps, reduction=reduction) for z in zs])``
+    (``reduction`` is "sum" or "mean" per tensor) but computed in one autograd node, which is what
+    :class:`normlab.StandardizationLoss` uses at every training step.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean' per layer, got {reduction!r}")
+    if not zs:
+        raise ValueError("zs is empty: nothing to compute the loss of")
+    return _KL.apply(float(eps), None, reduction, *zs)
 
 
 def standardization_kl(
@@ -133,9 +173,8 @@ def standardization_kl(
     if not eps > 0:
         raise ValueError(f"eps must be > 0 (it keeps log(var + eps) finite for constant channels), got {eps}")
     dims = None if dim is None else _reduced_dims(z, dim)
-    kl = _ChannelKL.apply(z, float(eps), dims)
-    if reduction == "sum":
-        return kl.sum()
-    if reduction == "mean":
-        return kl.mean()
-    return kl
+    out = _KL.apply(float(eps), dims, reduction, z)
+    if reduction == "none":
+        reduced = (0, *range(2, z.dim())) if dims is None else dims
+        return out.view([size for d, size in enumerate(z.shape) if d not in reduced])
+    return out.view(())

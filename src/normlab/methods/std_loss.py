@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..functional import standardization_kl
+from ..functional import layer_kls
 from .registry import Handle, register, register_norm_type, swap_norms
 
 __all__ = ["StandardizationLoss", "ChannelAffine"]
@@ -85,8 +85,8 @@ class StandardizationLoss:
         self.reduction = reduction
         self.record = record
         self.modules = self._resolve(model, modules)
-        self._pending: dict[str, list[Tensor]] = {}
-        self._last: dict[str, Tensor] = {}
+        self._pending: list[tuple[str, Tensor]] = []
+        self._last: tuple[tuple[str, ...], Tensor] = ((), torch.zeros(0))
         self._hooks = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
 
     @staticmethod
@@ -120,38 +120,39 @@ class StandardizationLoss:
         use_input = self.record == "input"
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not (module.training and torch.is_grad_enabled()):
-                return
-            z = args[0] if use_input else output
-            term = standardization_kl(z, eps=self.eps, reduction=self.reduction)
-            self._pending.setdefault(name, []).append(term)
+            if module.training and torch.is_grad_enabled():
+                self._pending.append((name, args[0] if use_input else output))
 
         return hook
 
     def __call__(self) -> Tensor:
-        """``weight * sum`` of the KL terms recorded since the last call (a 0 tensor if none)."""
-        total: Tensor | None = None
-        last = {}
-        for name, terms in self._pending.items():
-            layer = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
-            last[name] = layer.detach()
-            total = layer if total is None else total + layer
-        self._pending = {}
-        if total is None:
+        """``weight * sum`` of the KL terms recorded since the last call (a 0 tensor if none).
+
+        The moments are taken here, all layers in one autograd node (see
+        :func:`normlab.functional.layer_kls`); the hooks only keep a reference to each tensor.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
             return torch.zeros(())
-        self._last = last
+        per_layer = layer_kls([z for _, z in pending], eps=self.eps, reduction=self.reduction)
+        self._last = (tuple(name for name, _ in pending), per_layer.detach())
+        total = per_layer.sum()
         return total * self.weight if self.weight != 1.0 else total
 
     def terms(self) -> dict[str, float]:
         """Per-module KL values (before ``weight``) of the last loss returned, for logging."""
-        return {name: float(v) for name, v in self._last.items()}
+        names, values = self._last
+        out: dict[str, float] = {}
+        for name, value in zip(names, values.tolist()):
+            out[name] = out.get(name, 0.0) + value
+        return out
 
     def remove(self) -> None:
         """Detach every hook: the model is left exactly as it was."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._pending = {}
+        self._pending = []
 
     def __enter__(self) -> StandardizationLoss:
         return self

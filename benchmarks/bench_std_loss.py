@@ -1,0 +1,111 @@
+"""Cost of the standardization loss per training step of the paper's MNIST CNN, side by side.
+
+Measures one SGD step (forward, loss, backward, update; batch 128, channels_last, one thread) of
+
+* ``none``      - no normalization (the reference the overhead is measured against),
+* ``std_loss``  - normlab's standardization loss (``normlab.apply(model, "std_loss")``),
+* ``naive``     - the same loss written the obvious way: forward hooks with ``torch.var_mean`` over
+                  (0, 2, 3) and autograd through it,
+* ``bn`` / ``bn_shift`` - batch norm with scale and shift / shift only (the paper's baseline),
+
+interleaved in rounds so that drift of the machine hits every variant alike, and prints the median
+step time of each and the ratios the foundation issue asks for: std_loss / none <= 1.15 and
+std_loss / bn < 1.
+
+    python benchmarks/bench_std_loss.py [--steps 200] [--rounds 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from normlab import apply, data, engine, models
+
+
+def naive_std_loss(model: torch.nn.Module) -> tuple[list, list]:
+    """The obvious implementation: hooks on each conv output, var_mean, autograd through it."""
+    terms: list[torch.Tensor] = []
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    def hook(module, args, out):
+        var, mean = torch.var_mean(out, dim=(0, 2, 3), correction=0)
+        terms.append(0.5 * (mean**2 + var - torch.log(var + 1e-5) - 1).sum())
+
+    return terms, [c.register_forward_hook(hook) for c in convs]
+
+
+def make_step(variant: str, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+    torch.manual_seed(0)
+    norm = variant if variant in ("bn", "bn_shift") else "none"
+    model = models.cnn(norm=norm).to(memory_format=torch.channels_last)
+    aux = lambda: 0.0  # noqa: E731
+    if variant == "std_loss":
+        handle = apply(models.cnn(norm="bn").to(memory_format=torch.channels_last), "std_loss")
+        model, aux = handle.model, handle.aux_loss
+    elif variant == "naive":
+        terms, _ = naive_std_loss(model)
+
+        def aux():
+            total = torch.stack(terms).sum()
+            terms.clear()
+            return total
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, weight_decay=4e-5)
+    i = 0
+
+    def step() -> None:
+        nonlocal i
+        x, y = batches[i % len(batches)]
+        i += 1
+        loss = F.cross_entropy(model(x), y) + aux()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=200, help="steps per variant per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    engine.configure_worker(args.threads)
+    ds = data.load("mnist", progress=False)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(50):
+        idx = torch.randint(0, len(ds.train_y), (128,), generator=g)
+        batches.append((ds.train_x[idx].contiguous(memory_format=torch.channels_last), ds.train_y[idx]))
+    variants = ["none", "std_loss", "naive", "bn", "bn_shift"]
+    steps = {v: make_step(v, batches) for v in variants}
+    for step in steps.values():  # warm up (oneDNN primitive caches, allocator)
+        for _ in range(30):
+            step()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v in variants:
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                steps[v]()
+            times[v].append((time.perf_counter() - t) / args.steps * 1e3)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    print(f"MNIST CNN, batch 128, channels_last, {args.threads} thread(s), torch {torch.__version__}; "
+          f"median of {args.rounds} rounds x {args.steps} steps")
+    print("| variant | ms/step | vs none |")
+    print("| --- | ---: | ---: |")
+    for v in variants:
+        print(f"| {v} | {med[v]:.2f} | {med[v] / med['none']:.3f} |")
+    print(f"std_loss overhead over none: {med['std_loss'] / med['none'] - 1:+.1%} (goal <= +15%)")
+    print(f"naive var_mean hook overhead over none: {med['naive'] / med['none'] - 1:+.1%}")
+    print(f"std_loss / bn: {med['std_loss'] / med['bn']:.3f}, std_loss / bn_shift: "
+          f"{med['std_loss'] / med['bn_shift']:.3f} (goal < 1)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The ``normlab`` command: reproduce the papers' experiments, run experiment files, read results.
+
+    normlab reproduce mnist-cnn              # the paper's MNIST CNN experiment (30 runs) -> runs/mnist-cnn/
+    normlab reproduce --list                 # the bundled experiments
+    normlab run my-sweep.toml --out DIR      # any experiment file
+    normlab report DIR                       # rebuild report.md, runs.json and the plots from DIR/runs.db
+    normlab results DIR [--method M] [--csv F]
+    normlab methods                          # the registered methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="output folder (default: runs/<experiment name>)")
+    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    p.add_argument("--steps", type=int, help="training steps per run")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--batch-size", type=int, help="minibatch size")
+    p.add_argument("--weight", type=float, help="standardization-loss weight")
+    p.add_argument("--eval-every", type=int, help="evaluate the full test set every N steps")
+    p.add_argument("--methods", help="comma-separated method specs, e.g. none,bn,std_loss,ws+gn")
+    p.add_argument("--quick", action="store_true", help="the experiment's small budget (a smoke test)")
+    p.add_argument("--workers", type=int, help="worker processes (default: one per core, 1 thread each)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run(args: argparse.Namespace, target: str) -> int:
+    from .experiments import build_report, load, override, run_experiment
+
+    exp = load(target)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    exp = override(exp, seeds=args.seeds, methods=methods, quick=args.quick, steps=args.steps, lr=args.lr,
+                   batch_size=args.batch_size, weight=args.weight, eval_every=args.eval_every)
+    out = args.out or Path("runs") / (exp.name + ("-quick" if args.quick else ""))
+    n = len(exp.runs())
+    print(f"{exp.name}: {exp.description}\n{n} runs ({len(exp.methods)} methods x {len(exp.seeds)} seeds"
+          f"{' x grid' if exp.grid else ''}) -> {out}", file=sys.stderr)
+    start = time.perf_counter()
+    run_experiment(exp, out, workers=args.workers, progress=not args.no_progress)
+    print(f"finished in {time.perf_counter() - start:.1f} s wall time", file=sys.stderr)
+    build_report(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="normlab", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("reproduce", help="run a bundled experiment of the papers")
+    p.add_argument("name", nargs="?", help="bundled experiment name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the bundled experiments")
+    _add_run_options(p)
+    p = sub.add_parser("run", help="run an experiment file (TOML)")
+    p.add_argument("file", type=Path)
+    _add_run_options(p)
+    p = sub.add_parser("report", help="write report.md, runs.json and plots from a results folder")
+    p.add_argument("folder", type=Path)
+    p = sub.add_parser("results", help="list the runs of a results folder, optionally as CSV")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--method")
+    p.add_argument("--status", choices=["done", "diverged"])
+    p.add_argument("--group", help="exact group label, e.g. 'std_loss weight=0.1'")
+    p.add_argument("--csv", type=Path, help="write the runs to this CSV file")
+    sub.add_parser("methods", help="list the registered methods")
+    args = parser.parse_args(argv)
+
+    from .experiments import SpecError
+
+    try:
+        if args.command == "reproduce":
+            from .experiments import bundled
+
+            if args.list or not args.name:
+                for name, desc in bundled().items():
+                    print(f"{name:18s} {desc}")
+                return 0 if args.list else 2
+            return _run(args, args.name)
+        if args.command == "run":
+            return _run(args, str(args.file))
+        if args.command == "report":
+            from .experiments import build_report
+
+            build_report(args.folder)
+            return 0
+        if args.command == "results":
+            return _results(args)
+        if args.command == "methods":
+            from . import methods
+
+            for name, desc in methods().items():
+                print(f"{name:10s} {desc}")
+            return 0
+    except (SpecError, FileNotFoundError) as e:
+        print(f"normlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    from .experiments import Store
+
+    if not (args.folder / "runs.db").exists():
+        raise FileNotFoundError(f"{args.folder} has no runs.db")
+    where = {k: v for k, v in (("method", args.method), ("status", args.status), ("grp", args.group)) if v}
+    with Store(args.folder) as store:
+        if args.csv:
+            n = store.to_csv(args.csv, where)
+            print(f"wrote {n} runs to {args.csv}")
+            return 0
+        rows = store.runs(where)
+        print(f"{'group':28s} {'seed':>4s} {'status':9s} {'test acc':>8s} {'wall s':>7s}")
+        for r in rows:
+            acc = "-" if r["final_test_acc"] is None else f"{r['final_test_acc'] * 100:.2f}"
+            status = r["status"] + (f"@{r['diverged_at']}" if r["diverged_at"] else "")
+            print(f"{r['grp']:28s} {r['seed']:4d} {status:9s} {acc:>8s} {r['wall_s'] or 0:7.1f}")
+        print(f"{len(rows)} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

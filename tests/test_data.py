@@ -1,0 +1,86 @@
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from normlab import data
+
+BUNDLED = Path(data.__file__).parent / "mnist"
+
+
+def test_bundled_mnist_loads_normalized():
+    ds = data.load("mnist", progress=False)
+    assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
+    assert ds.train_y.dtype == torch.int64 and ds.num_classes == 10
+    assert abs(ds.train_x.mean().item()) < 1e-3 and abs(ds.train_x.std().item() - 1) < 1e-2
+
+
+def test_explicit_root_and_env_var(tmp_path, monkeypatch):
+    root = tmp_path / "d"
+    shutil.copytree(BUNDLED, root / "mnist")
+    ds = data.load("mnist", root=root, normalize=False)
+    assert ds.source.startswith("root") and ds.train_x.max().item() == 1.0
+    monkeypatch.setenv("NORMLAB_DATA", str(root))
+    monkeypatch.setattr(data, "_MEMO", {})
+    assert data.load("mnist", progress=False).source.startswith("NORMLAB_DATA")
+
+
+def test_raw_uncompressed_files_are_accepted(tmp_path):
+    for f in BUNDLED.glob("*.gz"):
+        (tmp_path / f.stem).write_bytes(gzip.decompress(f.read_bytes()))
+    assert data.load("mnist", root=tmp_path).train_y.shape == (60000,)
+
+
+def test_corrupted_local_copy_fails_with_the_file_named(tmp_path):
+    shutil.copytree(BUNDLED, tmp_path / "mnist")
+    target = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(target.read_bytes()))
+    raw[100] = (raw[100] + 1) % 256
+    target.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(data.ChecksumError, match="t10k-labels-idx1-ubyte"):
+        data.load("mnist", root=tmp_path)
+    target.write_bytes(b"not gzip at all")
+    with pytest.raises(data.ChecksumError, match="t10k-labels-idx1-ubyte.gz"):
+        data.load("mnist", root=tmp_path)
+
+
+def test_missing_files_and_unknown_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        data.load("mnist", root=tmp_path)
+    with pytest.raises(ValueError, match="fashion-mnist"):
+        data.load("cifar")
+
+
+def test_no_local_copy_and_download_disabled_is_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="download=False"):
+        data.load("fashion-mnist", download=False)
+
+
+def test_download_goes_to_cache_and_is_verified(tmp_path, monkeypatch):
+    # A stand-in for the network: "downloading" copies the bundled files; a bad mirror is skipped.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(data.MIRRORS, "mnist", ("bad://", "file://"))
+    calls = []
+
+    def fake_retrieve(url, dest):
+        calls.append(url)
+        if url.startswith("bad://"):
+            Path(dest).write_bytes(gzip.compress(b"garbage"))
+            return
+        shutil.copy(BUNDLED / url.removeprefix("file://"), dest)
+
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", fake_retrieve)
+    monkeypatch.setattr(data, "_BUNDLED", tmp_path / "nowhere")
+    monkeypatch.setattr(data, "_MEMO", {})
+    ds = data.load("mnist", progress=False)
+    assert ds.source.startswith("downloaded")
+    assert len(list((tmp_path / "normlab" / "mnist").glob("*.gz"))) == 4
+    assert not list((tmp_path / "normlab" / "mnist").glob("*.part"))
+    assert any(u.startswith("bad://") for u in calls)
+    data._MEMO.clear()
+    assert data.load("mnist", progress=False).source.startswith("cache")

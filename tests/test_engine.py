@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from normlab import engine
+from normlab.engine import RunConfig, Sampler, train
+
+
+def test_run_is_deterministic():
+    cfg = RunConfig(method="std_loss", steps=30, eval_every=10, seed=3)
+    a, b = train(cfg), train(cfg)
+    assert a.curve == b.curve
+    assert [r["step"] for r in a.curve] == [0, 10, 20, 30]
+    assert a.diverged_at is None and 0 <= a.final["test_acc"] <= 1
+    assert set(a.curve[1]) == {"step", "loss", "aux", "train_acc", "test_loss", "test_acc"}
+    assert a.curve[1]["aux"] > 0
+
+
+def test_same_seed_same_init_across_methods_and_different_seeds_differ():
+    h1, _ = engine.build_run(RunConfig(method="none", seed=1))
+    h2, _ = engine.build_run(RunConfig(method="std_loss", seed=1))
+    h3, _ = engine.build_run(RunConfig(method="none", seed=2))
+    assert torch.equal(h1.model[0].weight, h2.model[0].weight)
+    assert not torch.equal(h1.model[0].weight, h3.model[0].weight)
+
+
+def test_sampler_is_a_pure_function_of_seed_and_step():
+    s1, s2 = Sampler(0, 1000, 128), Sampler(0, 1000, 128)
+    assert torch.equal(s1(9), s2(9)) and torch.equal(s1(3), Sampler(0, 1000, 128)(3))
+    epoch = torch.cat([s1(i) for i in range(7)])
+    assert len(set(epoch.tolist())) == 7 * 128  # no repeat within an epoch
+    assert not torch.equal(s1(0), s1(7))  # a new permutation each epoch
+    with pytest.raises(ValueError, match="exceeds"):
+        Sampler(0, 10, 128)
+
+
+def test_divergence_is_recorded_with_last_finite_values():
+    res = train(RunConfig(method="none", steps=200, eval_every=5, lr=1e4))
+    assert res.diverged_at is not None and res.diverged_at <= 200
+    assert all(math.isfinite(r["test_loss"]) for r in res.curve)
+    assert res.curve[-1]["step"] < res.diverged_at
+
+
+def test_checkpoint_resume_gives_the_same_numbers(tmp_path):
+    cfg = RunConfig(method="bn_shift", steps=40, eval_every=10, seed=5, optimizer="adam", lr=1e-3)
+    full = train(cfg)
+    ckpt = tmp_path / "run.pt"
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_20(row):
+        if row["step"] == 20:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, on_eval=stop_at_20, checkpoint=str(ckpt))
+    # the checkpoint of step 20 is written before on_eval? it is written after; step 10 exists for sure
+    assert ckpt.exists()
+    resumed = train(cfg, checkpoint=str(ckpt))
+    assert resumed.curve == full.curve
+    assert not ckpt.exists()
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(optimizer="lbfgs"), "optimizer"),
+    (dict(model="resnet"), "model"), (dict(dataset="cifar"), "dataset"), (dict(batch_size=2.5), "batch_size"),
+])
+def test_bad_config(bad, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig(**bad)

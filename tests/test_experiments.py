@@ -1,0 +1,189 @@
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from normlab import cli
+from normlab.experiments import SpecError, Store, build_report, bundled, load, override, run_experiment
+from normlab.experiments.spec import validate
+
+TINY = """
+description = "tiny"
+methods = ["none", "std_loss"]
+seeds = 2
+[run]
+model = "mlp"
+steps = {steps}
+eval_every = {every}
+lr = 0.01
+[options.std_loss]
+weight = 0.1
+"""
+
+
+def test_bundled_experiments_listed_and_valid():
+    names = bundled()
+    assert {"mnist-cnn", "mnist-mlp"} <= set(names)
+    for name in names:
+        exp = load(name)
+        assert exp.runs() and exp.description
+
+
+def test_mnist_cnn_defaults_are_the_papers_budget():
+    exp = load("mnist-cnn")
+    runs = exp.runs()
+    assert len(runs) == 30 and exp.methods == ["none", "bn_shift", "std_loss"] and exp.baseline == "none"
+    cfg = runs[0].config
+    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.optimizer, cfg.momentum) == \
+        (1000, 128, 1e-3, 4e-5, "sgd", 0.0)
+    assert [r.config.method_options for r in runs if r.config.method == "std_loss"][0] == {"weight": 1.0}
+    assert len({r.id for r in runs}) == 30
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"methods": ["none"], "colour": 1}, r"unknown key\(s\) \['colour'\]"),
+    ({"methods": []}, "non-empty list"),
+    ({"methods": ["nonsense"]}, "unknown method 'nonsense'"),
+    ({"methods": ["none"], "run": {"stpes": 3}}, r"\[run\]: unknown key\(s\) \['stpes'\]; allowed"),
+    ({"methods": ["none"], "run": {"steps": 0}}, "steps must be a positive integer"),
+    ({"methods": ["none"], "baseline": "bn"}, "'baseline' must be one of"),
+    ({"methods": ["none"], "seeds": -1}, "'seeds' must be >= 1"),
+    ({"methods": ["std_loss"], "options": {"std_loss": {"wieght": 1}}}, r"unknown key\(s\) \['wieght'\]"),
+    ({"methods": ["std_loss"], "grid": {"std_loss.wieght": [1]}}, "has no option 'wieght'"),
+    ({"methods": ["none"], "grid": {"lr": []}}, "non-empty list"),
+    ({"methods": ["none"], "grid": {"colour": [1]}}, "not a run field"),
+    ({"methods": ["none"], "run": {"optimizer": "lbfgs"}}, "optimizer must be one of"),
+])
+def test_validation_errors_name_the_key(raw, match):
+    with pytest.raises(SpecError, match=match):
+        validate(raw, "t")
+
+
+def test_bad_toml_and_unknown_names(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("methods = [none")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load(bad)
+    with pytest.raises(SpecError, match="unknown experiment 'nope'; bundled"):
+        load("nope")
+
+
+def test_grid_expands_method_options_only_for_their_method():
+    exp = validate({"methods": ["none", "std_loss"], "seeds": [0, 1],
+                    "grid": {"std_loss.weight": [0.1, 1.0], "lr": [0.01, 0.1]}}, "g")
+    groups = sorted({r.group for r in exp.runs()})
+    assert len(exp.runs()) == (2 + 4) * 2
+    assert "std_loss lr=0.01 std_loss.weight=0.1" in groups and "none lr=0.1" in groups
+
+
+def test_override_quick_and_cli_options():
+    exp = override(load("mnist-cnn"), quick=True)
+    assert len(exp.seeds) == 2 and exp.run["steps"] == 200
+    exp = override(load("mnist-cnn"), seeds=3, steps=50, weight=0.5, methods=["none", "std_loss"])
+    assert len(exp.runs()) == 6 and exp.options["std_loss"]["weight"] == 0.5
+
+
+def _write_tiny(tmp_path, steps=40, every=10):
+    f = tmp_path / "tiny.toml"
+    f.write_text(TINY.format(steps=steps, every=every))
+    return f
+
+
+def _add_many(folder, k):
+    store = Store(folder)
+    for i in range(20):
+        store.add(f"{k}-{i}", "e", "g", {"config": {"method": "none", "seed": i}, "curve": [{"step": 0}],
+                                         "diverged_at": None, "wall_s": 0.1, "final": {"test_acc": 0.5}})
+    store.close()
+
+
+def test_concurrent_writers(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_add_many, args=(tmp_path, k)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with Store(tmp_path) as store:
+        assert len(store.runs()) == 80 and len(store.done_ids()) == 80
+        n = store.to_csv(tmp_path / "runs.csv")
+    lines = (tmp_path / "runs.csv").read_text().splitlines()
+    assert n == 80 and len(lines) == 81 and lines[0].startswith("id,experiment,grp,method,seed,status")
+
+
+def test_in_process_sweep_records_divergence_and_reports(tmp_path):
+    exp = validate({"methods": ["none"], "seeds": 1, "run": {"model": "mlp", "steps": 30, "eval_every": 10},
+                    "grid": {"lr": [0.01, 1e5]}}, "div")
+    store = run_experiment(exp, tmp_path, workers=0, progress=False)
+    runs = {r["grp"]: r for r in store.runs()}
+    assert runs["none lr=100000"]["status"] == "diverged" and runs["none lr=100000"]["diverged_at"] >= 1
+    assert runs["none lr=0.01"]["status"] == "done"
+    store.close()
+    build_report(tmp_path, echo=False)
+    text = (tmp_path / "report.md").read_text()
+    assert "1 diverged" in text
+    # a second start repeats nothing
+    again = run_experiment(exp, tmp_path, workers=0, progress=False)
+    assert len(again.runs()) == 2
+
+
+@pytest.mark.slow
+def test_end_to_end_reproduction_writes_a_well_formed_report(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert cli.main(["reproduce", "mnist-cnn", "--seeds", "2", "--steps", "200", "--out", str(out),
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| none | 2 |" in printed and "24.6 ± 6.5" in printed
+    report = (out / "report.md").read_text()
+    for needle in ("| bn_shift | 2 |", "| std_loss | 2 |", "speed-up", "test_acc.png", "train_loss.png",
+                   "Against the paper"):
+        assert needle in report
+    runs = json.loads((out / "runs.json").read_text())
+    assert len(runs) == 6 and {r["config"]["method"] for r in runs} == {"none", "bn_shift", "std_loss"}
+    assert all(r["curve"][-1]["step"] == 200 for r in runs)
+    import matplotlib.image
+
+    for png in ("test_acc.png", "train_loss.png", "speedup.png"):
+        assert matplotlib.image.imread(out / png).shape[0] > 100
+
+
+def _finished(folder):
+    db = Path(folder) / "runs.db"
+    if not db.exists():
+        return 0
+    with Store(folder) as s:
+        return len(s.runs())
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_loses_and_repeats_nothing(tmp_path):
+    spec = _write_tiny(tmp_path, steps=300, every=20)
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "normlab.cli", "run", str(spec), "--workers", "2", "--no-progress", "--out"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(cmd + [str(clean)], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd + [str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ckpts = list((killed / "checkpoints").glob("*.pt")) if (killed / "checkpoints").exists() else []
+        if _finished(killed) >= 1 and ckpts:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _finished(killed)
+    assert before < 4, "the sweep finished before it could be killed; make it longer"
+    subprocess.run(cmd + [str(killed)], check=True, env=env, capture_output=True)
+    with Store(clean) as a, Store(killed) as b:
+        ra, rb = a.runs(), b.runs()
+    assert len(rb) == 4 and sorted(r["id"] for r in ra) == sorted(r["id"] for r in rb)
+    for x, y in zip(sorted(ra, key=lambda r: r["id"]), sorted(rb, key=lambda r: r["id"])):
+        assert x["curve"] == y["curve"] and x["final_test_acc"] == y["final_test_acc"]
+    assert not list((killed / "checkpoints").glob("*.pt"))

@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+from normlab.functional import channel_moments, layer_kls, standardization_kl
+
+
+def reference_kl(z, dims):
+    m = z.double().mean(dims)
+    v = z.double().var(dims, unbiased=False)
+    return 0.5 * (m * m + v - torch.log(v + 1e-5) - 1)
+
+
+@pytest.mark.parametrize("shape", [(64, 3), (16, 3, 7), (8, 3, 5, 6), (4, 3, 2, 5, 3)])
+def test_closed_form_for_2d_to_5d(shape):
+    z = torch.randn(shape) * 2.0 + 0.5
+    dims = (0, *range(2, len(shape)))
+    ref = reference_kl(z, dims)
+    torch.testing.assert_close(standardization_kl(z, reduction="none").double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(standardization_kl(z).double(), ref.sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(standardization_kl(z, reduction="mean").double(), ref.mean(), rtol=1e-5, atol=1e-6)
+    assert standardization_kl(z, reduction="none").shape == (3,)
+
+
+def test_known_value_and_standard_normal_is_near_zero():
+    # N(1, 4): 0.5 * (1 + 4 - log 4 - 1) = 1.3068...
+    z = torch.randn(200_000, 1, dtype=torch.float64) * 2 + 1
+    assert standardization_kl(z).item() == pytest.approx(0.5 * (1 + 4 - math.log(4) - 1), abs=0.02)
+    assert standardization_kl(torch.randn(200_000, 4)).item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_matches_monte_carlo_kl_of_gaussians():
+    # KL(N(mu, s^2) || N(0, 1)) = E_p[log p(x) - log q(x)], estimated by sampling p.
+    mu, s = torch.tensor([0.7, -1.2, 0.0]), torch.tensor([0.5, 1.5, 2.0])
+    x = torch.randn(400_000, 3, dtype=torch.float64) * s + mu
+    log_p = -0.5 * ((x - mu) / s) ** 2 - torch.log(s) - 0.5 * math.log(2 * math.pi)
+    log_q = -0.5 * x**2 - 0.5 * math.log(2 * math.pi)
+    mc = (log_p - log_q).mean(0)
+    ours = standardization_kl(x, reduction="none")
+    torch.testing.assert_close(ours, mc, rtol=0.02, atol=0.01)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("shape,dim", [((5, 3), None), ((4, 3, 5), None), ((3, 2, 3, 4), None), ((4, 3, 5), (0, 2)),
+                                       ((4, 3, 5), 0)])
+def test_gradcheck_float64(shape, dim, reduction):
+    z = (torch.randn(shape, dtype=torch.float64) * 1.3 + 0.2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: standardization_kl(t, dim=dim, reduction=reduction), (z,))
+
+
+def test_gradient_matches_autograd_through_plain_formula():
+    z = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    standardization_kl(z).backward()
+    z2 = z.detach().clone().requires_grad_()
+    reference_kl(z2, (0, 2, 3)).sum().backward()
+    torch.testing.assert_close(z.grad, z2.grad)
+
+
+def test_layer_kls_equals_stack_of_single_layers_and_gradcheck():
+    zs = [torch.randn(8, c, 3, 3, dtype=torch.float64, requires_grad=True) for c in (2, 3)]
+    zs.append(torch.randn(8, 4, dtype=torch.float64, requires_grad=True))
+    for reduction in ("sum", "mean"):
+        ref = torch.stack([standardization_kl(z, reduction=reduction) for z in zs])
+        torch.testing.assert_close(layer_kls(zs, reduction=reduction), ref)
+        assert torch.autograd.gradcheck(lambda *t: layer_kls(list(t), reduction=reduction), tuple(zs))
+
+
+def test_channels_last_matches_contiguous():
+    z = torch.randn(16, 5, 6, 6)
+    zc = z.contiguous(memory_format=torch.channels_last).requires_grad_()
+    z = z.clone().requires_grad_()
+    torch.testing.assert_close(standardization_kl(zc), standardization_kl(z))
+    standardization_kl(zc).backward()
+    standardization_kl(z).backward()
+    torch.testing.assert_close(zc.grad, z.grad)
+
+
+def test_zero_variance_channel_is_finite():
+    z = torch.randn(32, 3)
+    z[:, 1] = 2.0
+    z.requires_grad_()
+    value = standardization_kl(z)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(z.grad).all()
+    expected = 0.5 * (4.0 + 0.0 - math.log(1e-5) - 1)
+    assert standardization_kl(z.detach(), reduction="none")[1].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_batch_of_one_without_other_dims_is_a_clear_error():
+    with pytest.raises(ValueError, match="undefined"):
+        standardization_kl(torch.randn(1, 8))
+    # one sample with spatial dims is fine: statistics over H, W
+    assert torch.isfinite(standardization_kl(torch.randn(1, 8, 4, 4)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_finite_and_float32_statistics(dtype):
+    z = (torch.randn(64, 4, 3, 3) * 30).to(dtype).requires_grad_()
+    value = standardization_kl(z)
+    assert value.dtype == torch.float32
+    value.backward()
+    assert z.grad.dtype == dtype and torch.isfinite(z.grad.float()).all()
+    ref = reference_kl(z.detach().float(), (0, 2, 3)).sum()
+    assert value.item() == pytest.approx(ref.item(), rel=1e-4)
+    mean, var = channel_moments(z.detach())
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(z=torch.randn(5)), ValueError, "batch and a channel"),
+    (dict(z=torch.ones(4, 3, dtype=torch.long)), TypeError, "floating-point"),
+    (dict(z=[1.0, 2.0]), TypeError, "torch.Tensor"),
+    (dict(z=torch.randn(4, 3), reduction="max"), ValueError, "reduction"),
+    (dict(z=torch.randn(4, 3), eps=0.0), ValueError, "eps"),
+    (dict(z=torch.randn(4, 3, 2), dim=()), ValueError, "at least one"),
+    (dict(z=torch.randn(4, 3, 2), dim=(0, 0)), ValueError, "repeated"),
+])
+def test_bad_inputs(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        standardization_kl(**bad)

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab import models
+
+
+def test_cnn_shapes_and_norm_choice():
+    for norm, cls in (("bn", nn.BatchNorm2d), ("bn_shift", nn.BatchNorm2d), ("none", nn.Identity)):
+        m = models.cnn(norm=norm)
+        assert sum(isinstance(x, cls) for x in m.modules()) >= 3
+        assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    convs = [x for x in models.cnn().modules() if isinstance(x, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 16, 8] and all(c.stride == (2, 2) for c in convs)
+    assert models.cnn(kernel_size=5)[0].kernel_size == (5, 5)
+    shift = models.cnn(norm="bn_shift")[1]
+    assert shift.weight is None and shift.bias is not None
+
+
+def test_mlp_and_factory_norm():
+    m = models.mlp(norm=lambda nf, dims: nn.LayerNorm(nf))
+    assert sum(isinstance(x, nn.LayerNorm) for x in m.modules()) == 3
+    assert m(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert [x.out_features for x in m.modules() if isinstance(x, nn.Linear)] == [100, 100, 100, 10]
+
+
+def test_model_errors():
+    with pytest.raises(ValueError, match="odd"):
+        models.cnn(kernel_size=4)
+    with pytest.raises(ValueError, match="available"):
+        models.build("resnet")
+    with pytest.raises(ValueError, match="not a normalization layer"):
+        models.cnn(norm="std_loss")
+
+
+def test_registry_lists_and_rejects_clearly():
+    names = normlab.methods()
+    assert {"none", "bn", "bn_shift", "std_loss"} <= set(names)
+    assert all(isinstance(d, str) and d for d in names.values())
+    with pytest.raises(ValueError, match="unknown method 'bogus'; available"):
+        normlab.apply(models.cnn(), "bogus")
+    with pytest.raises(ValueError, match="combines"):
+        normlab.apply(models.cnn(), "bn+std_loss")
+    with pytest.raises(TypeError, match="unknown option"):
+        normlab.apply(models.cnn(), "std_loss", wieght=1.0)
+    with pytest.raises(ValueError, match="has none"):
+        normlab.apply(models.cnn(norm="none"), "bn")
+    with pytest.raises(TypeError, match="nn.Module"):
+        normlab.apply("model", "bn")
+
+
+def test_swap_finds_nested_norms_and_keeps_channels():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sequential(nn.BatchNorm2d(4), nn.ModuleList([nn.BatchNorm1d(6)])))
+    handle = normlab.apply(model, "bn_shift")
+    assert handle.swapped == ["1.0", "1.1.0"]
+    assert model[1][0].num_features == 4 and model[1][1][0].num_features == 6
+    assert isinstance(model[1][1][0], nn.BatchNorm1d) and model[1][0].weight is None
+    normlab.apply(model, "none")
+    assert isinstance(model[1][0], nn.Identity)

@@ -1,0 +1,162 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normlab
+from normlab import StandardizationLoss, models
+from normlab.functional import standardization_kl
+
+
+def net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
+                         nn.ReLU(), nn.Linear(5, 3))
+
+
+def test_default_probes_every_conv_and_linear_but_the_head():
+    loss = StandardizationLoss(net())
+    assert [name for name, _ in loss.modules] == ["0", "3"]
+
+
+def test_value_is_weighted_sum_of_per_layer_kl_of_outputs():
+    model = net()
+    x = torch.randn(16, 1, 6, 6)
+    with StandardizationLoss(model, weight=0.5) as std:
+        model(x)
+        value = std()
+        terms = std.terms()
+    z1 = model[0](x)
+    z2 = model[3](model[2](model[1](z1)))
+    expected = {"0": standardization_kl(z1).item(), "3": standardization_kl(z2).item()}
+    assert terms == pytest.approx(expected, rel=1e-5)
+    assert value.item() == pytest.approx(0.5 * sum(expected.values()), rel=1e-5)
+
+
+def test_explicit_modules_by_name_and_object_and_mean_reduction():
+    model = net()
+    x = torch.randn(8, 1, 6, 6)
+    std = StandardizationLoss(model, modules=["0", model[3]], reduction="mean")
+    model(x)
+    with torch.no_grad():
+        z1 = model[0](x)
+    assert std.terms() == {}  # terms are those of the last call, and there was none yet
+    value = std()
+    assert std.terms()["0"] == pytest.approx(standardization_kl(z1, reduction="mean").item(), rel=1e-5)
+    assert value.item() > 0
+
+
+def test_gradient_flows_to_parameters():
+    model = net()
+    with StandardizationLoss(model) as std:
+        model(torch.randn(8, 1, 6, 6))
+        std().backward()
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+    assert model[5].weight.grad is None  # the head is not probed and the task loss was not used
+
+
+def test_nothing_recorded_in_eval_or_no_grad():
+    model = net()
+    std = StandardizationLoss(model)
+    model.eval()
+    model(torch.randn(4, 1, 6, 6))
+    assert std._pending == [] and std().item() == 0.0
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 1, 6, 6))
+    assert std._pending == []
+    with torch.inference_mode():
+        model(torch.randn(4, 1, 6, 6))
+    assert std._pending == []
+
+
+def test_each_call_consumes_its_terms():
+    model = net()
+    std = StandardizationLoss(model)
+    model(torch.randn(4, 1, 6, 6))
+    assert std().item() > 0
+    assert std().item() == 0.0
+
+
+def test_remove_leaves_no_trace():
+    model = net()
+    x = torch.randn(4, 1, 6, 6)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before_out = model(x)
+    with StandardizationLoss(model) as std:
+        model(x)
+        std()
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    after = model.state_dict()
+    assert after.keys() == before_state.keys()
+    assert all(torch.equal(after[k], before_state[k]) for k in after)
+    torch.testing.assert_close(model(x), before_out)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module"):
+        StandardizationLoss("model")
+    with pytest.raises(ValueError, match="weight"):
+        StandardizationLoss(net(), weight=-1)
+    with pytest.raises(ValueError, match="reduction"):
+        StandardizationLoss(net(), reduction="none")
+    with pytest.raises(ValueError, match="no submodule 'nope'"):
+        StandardizationLoss(net(), modules=["nope"])
+    with pytest.raises(ValueError, match="not a submodule"):
+        StandardizationLoss(net(), modules=[nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="besides the classifier head"):
+        StandardizationLoss(nn.Sequential(nn.Linear(3, 2)))
+
+
+def test_batch_of_one_on_linear_layer_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    std = StandardizationLoss(model)
+    model(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="undefined"):
+        std()
+
+
+def test_method_swaps_norms_for_probes_and_records_their_inputs():
+    model = models.cnn(norm="bn")
+    handle = normlab.apply(model, "std_loss", weight=2.0)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert handle.swapped == ["1", "4", "7"]
+    x = torch.randn(8, 1, 28, 28)
+    model(x)
+    value = handle.aux_loss()
+    z1 = model[0](x)
+    assert handle.state["std_loss"].terms()["1"] == pytest.approx(standardization_kl(z1).item(), rel=1e-5)
+    assert value.item() == pytest.approx(2.0 * sum(handle.state["std_loss"].terms().values()), rel=1e-5)
+    handle.remove()
+    model(x)
+    assert handle.aux_loss().item() == 0.0
+
+
+def test_method_affine_and_model_without_norms():
+    model = models.cnn(norm="bn")
+    handle = normlab.apply(model, "std_loss", affine=True)
+    from normlab.methods.std_loss import ChannelAffine
+
+    assert sum(isinstance(m, ChannelAffine) for m in model.modules()) == 3
+    plain = models.cnn(norm="none")
+    handle = normlab.apply(plain, "std_loss")
+    assert [n for n, _ in handle.state["std_loss"].modules] == ["0", "3", "6"]
+    with pytest.raises(ValueError, match="affine=True"):
+        normlab.apply(models.cnn(norm="none"), "std_loss", affine=True)
+
+
+def test_training_step_lowers_the_loss():
+    torch.manual_seed(0)
+    model = models.cnn(norm="bn")
+    handle = normlab.apply(model, "std_loss")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 1, 28, 28) * 3 + 1, torch.randint(0, 10, (64,))
+    first = None
+    for _ in range(20):
+        F.cross_entropy(model(x), y)
+        aux = handle.aux_loss()
+        first = first if first is not None else aux.item()
+        opt.zero_grad()
+        aux.backward()
+        opt.step()
+    assert aux.item() < 0.5 * first
