@@ -128,7 +128,7 @@ def test_in_process_sweep_records_divergence_and_reports(tmp_path):
     store.close()
     build_report(tmp_path, echo=False)
     text = (tmp_path / "report.md").read_text()
-    assert "1 diverged" in text
+    assert "| none lr=100000 | 1 | diverged |" in text
     # a second start repeats nothing
     again = run_experiment(exp, tmp_path, workers=0, progress=False)
     assert len(again.runs()) == 2
@@ -187,3 +187,22 @@ def test_sigkill_and_resume_loses_and_repeats_nothing(tmp_path):
     for x, y in zip(sorted(ra, key=lambda r: r["id"]), sorted(rb, key=lambda r: r["id"])):
         assert x["curve"] == y["curve"] and x["final_test_acc"] == y["final_test_acc"]
     assert not list((killed / "checkpoints").glob("*.pt"))
+
+
+@pytest.mark.parametrize("kind,png", [("distributions", "distributions.png"), ("loss-vs-accuracy", "loss_vs_accuracy.png"),
+                                      ("lr-sweep", "sweep_lr.png")])
+def test_report_kinds_write_their_plots(tmp_path, kind, png):
+    raw = {"methods": ["none", "std_loss"], "seeds": 2, "report": {"kind": kind},
+           "run": {"model": "mlp", "steps": 20, "eval_every": 10, "percentiles": [5, 50, 95]}}
+    if kind == "lr-sweep":
+        raw["grid"] = {"lr": [0.001, 0.01]}
+    run_experiment(validate(raw, kind), tmp_path, workers=0, progress=False).close()
+    build_report(tmp_path, echo=False)
+    assert (tmp_path / png).stat().st_size > 1000
+    text = (tmp_path / "report.md").read_text()
+    assert png in text
+    if kind == "lr-sweep":
+        assert "at its own best learning rate" in text
+        assert "| std_loss | 0.001 |" in text or "| std_loss | 0.01 |" in text
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert all(len(row["preact"]) == 3 for r in runs for row in r["curve"])

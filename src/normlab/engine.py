@@ -50,6 +50,7 @@ class RunConfig:
     eval_every: int = 50
     model_options: dict = field(default_factory=dict)
     method_options: dict = field(default_factory=dict)
+    percentiles: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "eval_every"):
@@ -64,6 +65,8 @@ class RunConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.model not in models.MODELS:
             raise ValueError(f"model must be one of {sorted(models.MODELS)}, got {self.model!r}")
+        if not all(isinstance(q, (int, float)) and 0 <= q <= 100 for q in self.percentiles):
+            raise ValueError(f"percentiles must be numbers in [0, 100], got {self.percentiles!r}")
         if self.dataset not in data_mod.DATASETS:
             raise ValueError(f"dataset must be one of {sorted(data_mod.DATASETS)}, got {self.dataset!r}")
 
@@ -166,6 +169,27 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 2500, channels
     return loss_sum / len(y), correct / len(y)
 
 
+def preactivation_percentiles(model: nn.Module, x: Tensor, qs: list[float], channels_last: bool = True) -> list[float]:
+    """Percentiles ``qs`` (0..100) of the input of the model's last ``ReLU`` (the last hidden
+    layer's pre-activation, after any normalization) on ``x``, in eval mode: the statistic of the
+    standardization-loss paper's Figure 4."""
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    if not relus:
+        raise ValueError("percentiles: the model has no nn.ReLU whose input to record")
+    seen: list[Tensor] = []
+    hook = relus[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().float().flatten()))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(_prepare(x, channels_last))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    q = torch.tensor([v / 100 for v in qs], dtype=torch.float32)
+    return torch.quantile(seen[0], q).tolist()
+
+
 def environment() -> dict:
     """Versions and machine facts recorded with every run."""
     import platform
@@ -224,6 +248,8 @@ def train(cfg: RunConfig, data: data_mod.Dataset | None = None, *,
                "aux": window["aux"] / k if k else None,
                "train_acc": window["correct"] / window["seen"] if k else None,
                "test_loss": test_loss, "test_acc": test_acc}
+        if cfg.percentiles:
+            row["preact"] = preactivation_percentiles(model, data.test_x[:1000], cfg.percentiles, channels_last)
         window.update(loss=0.0, aux=0.0, correct=0, seen=0, steps=0)
         curve.append(row)
         if on_eval is not None:

@@ -101,15 +101,16 @@ class Aggregate:
     ci_high: float | None
     missing: int = 0
 
-    def format(self, scale: float = 1.0, digits: int = 1) -> str:
-        """``"mean ± std"`` (scaled, e.g. by 100 for percent), with the missing count if any."""
+    def format(self, scale: float = 1.0, digits: int = 1, missing: str = "never reached") -> str:
+        """``"mean ± std"`` (scaled, e.g. by 100 for percent), with the count of missing values
+        (described by ``missing``) if any."""
         if self.mean is None:
-            return "never reached" if self.missing else "n/a"
+            return missing if self.missing else "n/a"
         text = f"{self.mean * scale:.{digits}f}"
         if self.std is not None:
             text += f" ± {self.std * scale:.{digits}f}"
         if self.missing:
-            text += f" ({self.missing}/{self.n + self.missing} never reached)"
+            text += f" ({self.missing}/{self.n + self.missing} {missing})"
         return text
 
 

@@ -23,11 +23,18 @@ from .store import Store
 __all__ = ["build_report", "summarize"]
 
 
-def _groups(runs: list[dict]) -> dict[str, list[dict]]:
+def _groups(runs: list[dict], methods: list[str] | None = None) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
         groups[r["grp"]].append(r)
-    return dict(groups)
+    order = {m: i for i, m in enumerate(methods or [])}
+    return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[1][0]["method"], len(order)),
+                                                       _sort_key(kv[1][0]["config"]))))
+
+
+def _sort_key(cfg: dict) -> tuple:
+    return (cfg["lr"], cfg["batch_size"], sorted((k, 0, v) if isinstance(v, (int, float)) else (k, 1, str(v))
+                                                 for k, v in cfg["method_options"].items()))
 
 
 def _baseline_group(group: str, runs: list[dict], groups: dict[str, list[dict]], baseline: str | None) -> str | None:
@@ -48,11 +55,11 @@ def summarize(store: Store) -> list[dict]:
     exp = store.meta("experiment", {}) or {}
     baseline = exp.get("baseline")
     paper = exp.get("paper", {})
-    groups = _groups(store.runs())
+    groups = _groups(store.runs(), exp.get("methods"))
     rows = []
     for name, runs in groups.items():
         method = runs[0]["method"]
-        finals = [r["final_test_acc"] for r in runs]
+        finals = [r["final_test_acc"] if r["status"] == "done" else None for r in runs]
         base = _baseline_group(name, runs, groups, baseline)
         speed = None
         if base is not None and base != name:
@@ -86,8 +93,8 @@ def table(rows: list[dict]) -> str:
             sp = "(baseline)" if r["baseline"] == r["group"] else "-"
         else:
             sp = r["speedup"].format(digits=2) + "x" if r["speedup"].mean is not None else r["speedup"].format()
-        runs = f"{r['n']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
-        lines.append(f"| {r['group']} | {runs} | {f.format(100)} | {ci} | {_fmt_paper(r['paper'])} | {sp} |")
+        runs = str(r["n"])
+        lines.append(f"| {r['group']} | {runs} | {f.format(100, missing='diverged')} | {ci} | {_fmt_paper(r['paper'])} | {sp} |")
     return "\n".join(lines)
 
 
@@ -107,12 +114,17 @@ def _comparison(rows: list[dict]) -> list[str]:
     return out
 
 
-def _plot_curves(groups: dict[str, list[dict]], key: str, ylabel: str, path: Path, scale: float = 1.0) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_curves(groups: dict[str, list[dict]], key: str, ylabel: str, path: Path, scale: float = 1.0) -> None:
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, runs in groups.items():
         steps, mean, std = metrics.mean_curve([r["curve"] for r in runs], key)
@@ -131,11 +143,7 @@ def _plot_curves(groups: dict[str, list[dict]], key: str, ylabel: str, path: Pat
 
 
 def _plot_speedup(groups: dict[str, list[dict]], rows: list[dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for r in rows:
@@ -162,6 +170,131 @@ def _plot_speedup(groups: dict[str, list[dict]], rows: list[dict], path: Path) -
     return drawn
 
 
+def _swept(run: dict, key: str):
+    cfg = run["config"]
+    if "." in key:
+        part, opt = key.split(".", 1)
+        opts = cfg["method_options"]
+        return opts.get(key, opts.get(opt)) if part in cfg["method"].split("+") else None
+    return cfg[key]
+
+
+def _plot_sweep(exp: dict, runs: list[dict], folder: Path) -> list[str]:
+    """Final test accuracy against each swept value, one line per method (mean ± std over seeds)."""
+    plt = _plt()
+    out = []
+    for key in exp.get("grid", {}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in exp["methods"]:
+            mine = [r for r in runs if r["method"] == method]
+            values = sorted({_swept(r, key) for r in mine}, key=lambda v: (v is None, v))
+            if values == [None]:  # not swept for this method: its level as a line
+                agg = metrics.aggregate(r["final_test_acc"] for r in mine)
+                if agg.mean is not None:
+                    ax.axhline(agg.mean * 100, linestyle="--", color="grey", label=f"{method} (not swept)")
+                continue
+            pts = [(v, metrics.aggregate(r["final_test_acc"] for r in mine if _swept(r, key) == v)) for v in values]
+            pts = [(v, a) for v, a in pts if a.mean is not None]
+            if pts:
+                ax.errorbar([v for v, _ in pts], [a.mean * 100 for _, a in pts],
+                            yerr=[(a.std or 0) * 100 for _, a in pts], marker="o", capsize=3, label=method)
+        numeric = all(isinstance(v, (int, float)) for v in exp["grid"][key])
+        if numeric and min(exp["grid"][key]) > 0 and max(exp["grid"][key]) / min(exp["grid"][key]) >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("final test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"sweep_{key.replace('.', '_')}.png"
+        fig.savefig(folder / name, dpi=120)
+        plt.close(fig)
+        out.append(name)
+    return out
+
+
+def _best_lr_table(exp: dict, groups: dict[str, list[dict]]) -> list[str]:
+    """Each method at its best learning rate, and speed-ups against the baseline at *its* best."""
+    best: dict[str, tuple[str, metrics.Aggregate]] = {}
+    for name, runs in groups.items():
+        agg = metrics.aggregate(r["final_test_acc"] if r["status"] == "done" else None for r in runs)
+        method = runs[0]["method"]
+        if agg.mean is not None and agg.missing == 0 and (method not in best or agg.mean > best[method][1].mean):
+            best[method] = (name, agg)
+    base = exp.get("baseline")
+    if base not in best:
+        return ["The baseline did not finish at any learning rate without diverging."]
+    base_group = best[base][0]
+    lines = ["| method | best lr | final test acc % | speed-up vs baseline at its best lr | "
+             "speed-up vs baseline at the same lr |", "| --- | ---: | ---: | ---: | ---: |"]
+    for method in exp["methods"]:
+        if method not in best:
+            lines.append(f"| {method} | - | diverged or incomplete at every lr | - | - |")
+            continue
+        name, agg = best[method]
+        lr = groups[name][0]["config"]["lr"]
+        by_seed = {r["seed"]: r["curve"] for r in groups[base_group]}
+        sp = metrics.aggregate(metrics.speedup(by_seed[r["seed"]], r["curve"]) for r in groups[name] if r["seed"] in by_seed)
+        same = _baseline_group(name, groups[name], groups, base)
+        sp_same = "-"
+        if same is not None:
+            by_seed_same = {r["seed"]: r["curve"] for r in groups[same]}
+            agg_same = metrics.aggregate(metrics.speedup(by_seed_same[r["seed"]], r["curve"])
+                                         for r in groups[name] if r["seed"] in by_seed_same)
+            sp_same = agg_same.format(digits=2) + ("x" if agg_same.mean is not None else "")
+        lines.append(f"| {method} | {lr:g} | {agg.format(100)} | "
+                     f"{sp.format(digits=2) + ('x' if sp.mean is not None else '')} | {sp_same} |")
+    return lines
+
+
+def _plot_loss_vs_accuracy(groups: dict[str, list[dict]], path: Path) -> None:
+    """Test accuracy against cross entropy (training and test), seed means: the paper's Figure 2 (top)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for name, runs in groups.items():
+        curves = [r["curve"] for r in runs]
+        for ax, key in zip(axes, ("loss", "test_loss")):
+            steps, loss, _ = metrics.mean_curve(curves, key)
+            steps_acc, acc, _ = metrics.mean_curve(curves, "test_acc")
+            acc_at = dict(zip(steps_acc, acc))
+            ax.plot(loss, [acc_at[s] * 100 for s in steps], marker=".", label=name)
+    axes[0].set_xlabel("training cross entropy (mean over the steps before each evaluation)")
+    axes[1].set_xlabel("test cross entropy")
+    axes[0].set_ylabel("test accuracy (%)")
+    for ax in axes:
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_distributions(groups: dict[str, list[dict]], path: Path) -> bool:
+    """Percentiles of the last hidden pre-activation against steps, one panel per group (Figure 4)."""
+    plt = _plt()
+    runs = [rs[0] for rs in groups.values() if rs[0]["config"].get("percentiles")]
+    if not runs:
+        return False
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.5), sharey=True, squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        qs = run["config"]["percentiles"]
+        rows = [r for r in run["curve"] if r.get("preact")]
+        steps = [r["step"] for r in rows]
+        for i, q in enumerate(qs):
+            ax.plot(steps, [r["preact"][i] for r in rows], color=plt.cm.viridis(i / max(1, len(qs) - 1)),
+                    label=f"p{q:g}")
+        ax.set_title(run["grp"])
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("last hidden pre-activation")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def build_report(folder: str | Path, *, echo: bool = True) -> Path:
     """Write ``report.md``, ``runs.json`` and the PNG plots into ``folder`` from its store."""
     folder = Path(folder)
@@ -173,7 +306,7 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
         raise ValueError(f"{folder}/runs.db holds no finished runs yet")
     exp = store.meta("experiment", {}) or {}
     rows = summarize(store)
-    groups = _groups(runs)
+    groups = _groups(runs, exp.get("methods"))
     with open(folder / "runs.json", "w") as f:
         json.dump([{k: r[k] for k in ("id", "grp", "status", "diverged_at", "wall_s", "config", "env", "curve")}
                    for r in runs], f, indent=1)
@@ -184,11 +317,13 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
     md = [f"# {exp.get('name', folder.name)}", "", exp.get("description", ""), ""]
     if exp.get("reference"):
         md += [f"Reference: {exp['reference']}", ""]
+    swept = "".join(f"; swept: {k} over {v}" for k, v in exp.get("grid", {}).items())
     md += [f"Budget: model {cfg['model']}, dataset {cfg['dataset']}, {cfg['steps']} steps, batch {cfg['batch_size']}, "
-           f"{cfg['optimizer']} lr {cfg['lr']}, weight decay {cfg['weight_decay']}, test set evaluated every "
+           f"{cfg['optimizer']} lr {cfg['lr']}{swept}, weight decay {cfg['weight_decay']}, test set evaluated every "
            f"{cfg['eval_every']} steps; {len(runs)} runs, {sum(r['wall_s'] or 0 for r in runs):.0f} s of training "
            f"in all ({runs[0]['env'].get('threads', '?')} thread(s) per run, torch {runs[0]['env'].get('torch', '?')}).",
            "", "## Final test accuracy and speed-up", "", table(rows), "",
+           "Final accuracy: mean over the runs that did not diverge (a diverged run is counted, not averaged). "
            "Speed-up: per seed, the steps the baseline needs to reach its best test accuracy divided by the steps "
            "the method needs to reach the same accuracy (Collins et al. 2019), then mean ± std over seeds; a "
            "method that never reaches it is counted as such, not as a number.", ""]
@@ -198,6 +333,23 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
     md += ["## Curves", "", "![test accuracy](test_acc.png)", "", "![training loss](train_loss.png)", ""]
     if has_speed:
         md += ["Speed-up over the course of training, on the seed-mean curves:", "", "![speed-up](speedup.png)", ""]
+    kind = exp.get("report", {}).get("kind", "curves")
+    if exp.get("grid"):
+        md += ["## Final accuracy against the swept values", ""]
+        md += [f"![{p}]({p})" for p in _plot_sweep(exp, runs, folder)] + [""]
+    if kind == "lr-sweep":
+        md += ["## Against the baseline at its own best learning rate", ""] + _best_lr_table(exp, groups) + [
+            "", "A speed-up that holds against the baseline at the same learning rate but not against the baseline "
+            "at its own best learning rate only compensates for a too-small learning rate.", ""]
+    if kind == "loss-vs-accuracy":
+        _plot_loss_vs_accuracy(groups, folder / "loss_vs_accuracy.png")
+        md += ["## Cross entropy against accuracy", "", "If a method reaches a given test accuracy at a higher "
+               "training cross entropy than the baseline, part of its gain is regularization rather than "
+               "faster optimization; equal curves mean pure acceleration.", "",
+               "![loss vs accuracy](loss_vs_accuracy.png)", ""]
+    if kind == "distributions" and _plot_distributions(groups, folder / "distributions.png"):
+        md += ["## Pre-activation distributions", "", "Percentiles of the input of the last ReLU on 1000 test "
+               "images (eval mode) at each evaluation:", "", "![distributions](distributions.png)", ""]
     md += ["Per-run results (config, environment, curve): `runs.json`; the store: `runs.db`.", ""]
     (folder / "report.md").write_text("\n".join(md))
     if echo:

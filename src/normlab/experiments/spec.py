@@ -41,7 +41,7 @@ __all__ = ["Experiment", "SpecError", "load", "bundled", "Run"]
 TOP_KEYS = {"description", "reference", "methods", "baseline", "seeds", "run", "options", "grid", "paper",
             "quick", "report"}
 RUN_KEYS = {f.name for f in fields(RunConfig)} - {"method", "seed", "method_options"}
-REPORT_KEYS = {"kind", "percentiles", "probe"}
+REPORT_KINDS = ("curves", "sweep", "lr-sweep", "loss-vs-accuracy", "distributions")
 
 
 class SpecError(ValueError):
@@ -175,7 +175,9 @@ def validate(raw: dict, name: str = "experiment") -> Experiment:
     _expect(isinstance(quick, dict), f"{name}: [quick] must be a table")
     _check_keys(f"{name}: [quick]", quick, RUN_KEYS | {"seeds", "grid"})
     report = raw.get("report", {})
-    _check_keys(f"{name}: [report]", report, REPORT_KEYS)
+    _check_keys(f"{name}: [report]", report, {"kind"})
+    _expect(report.get("kind", "curves") in REPORT_KINDS,
+            f"{name}: [report] kind must be one of {REPORT_KINDS}, got {report.get('kind')!r}")
     exp = Experiment(name=name, description=str(raw.get("description", "")), methods=list(methods),
                      baseline=baseline, seeds=seeds, run=dict(run), options=dict(options), grid=dict(grid),
                      paper=dict(raw.get("paper", {})), quick=dict(quick), report=dict(report),

@@ -168,6 +168,9 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def _report_failures(store: Store, failures: list) -> Store:
+    ckpts = store.folder / "checkpoints"
+    if ckpts.is_dir() and not any(ckpts.iterdir()):
+        ckpts.rmdir()
     if failures:
         names = ", ".join(f"{r.group} seed {r.config.seed}" for r, _ in failures)
         print(f"{len(failures)} run(s) failed and were not stored: {names}", file=sys.stderr)
