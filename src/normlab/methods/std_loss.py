@@ -183,6 +183,10 @@ class ChannelAffine(nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return torch.addcmul(self.bias.view(shape), x, self.weight.view(shape))
 
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        """Folding protocol: ``(scale, shift) = (weight, bias)``."""
+        return self.weight, self.bias
+
     def extra_repr(self) -> str:
         return f"{self.num_features}"
 

@@ -1,0 +1,102 @@
+"""Small helpers shared by the method modules (not a method itself; not part of the public API)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+
+def running_affine(running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   eps: float) -> tuple[Tensor, Tensor]:
+    """The eval-mode map of a running-statistics norm as ``y = x * scale + shift``:
+    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale`` (the
+    folding protocol's ``eval_affine()``; a missing weight or bias counts as 1 or 0)."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def pick_by_dims(name: str, one: type, two: type, dims: int | None) -> type:
+    """The 1d class for ``dims`` 0 or 1 ((N, C) or (N, C, L) input), the 2d class for images."""
+    if dims in (0, 1):
+        return one
+    if dims == 2:
+        return two
+    raise ValueError(f"{name} supports dims 0 or 1 ((N, C) or (N, C, L) input) and 2 (images), got dims={dims!r}")
+
+
+def check_input(module: nn.Module, x: Tensor, ndims: tuple[int, ...]) -> None:
+    """Raise a clear error unless ``x`` has one of ``ndims`` dims and ``module.num_features`` channels."""
+    if x.dim() not in ndims:
+        shapes = " or ".join({2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}[d] for d in ndims)
+        name = type(module).__name__
+        hint = ""
+        if name.endswith("2d") and x.dim() in (2, 3):
+            hint = "; use the 1d variant for that shape"
+        elif name.endswith("1d") and x.dim() == 4:
+            hint = "; use the 2d variant for that shape"
+        raise ValueError(f"{name} expects {shapes} input, got shape {tuple(x.shape)}{hint}")
+    if x.shape[1] != module.num_features:
+        raise ValueError(f"{type(module).__name__}({module.num_features}) got {x.shape[1]} channels "
+                         f"(dim 1) in input of shape {tuple(x.shape)}")
+
+
+def init_running_stats(module: nn.Module, num_features: int, affine: bool, device=None, dtype=None,
+                       prefix: str = "") -> None:
+    """Register BN-style ``<prefix>weight``/``<prefix>bias`` (ones/zeros, or None without ``affine``)
+    and the ``running_mean`` (0), ``running_var`` (1) and ``num_batches_tracked`` buffers."""
+    factory = {"device": device, "dtype": dtype}
+    for pname, init in (("weight", torch.ones), ("bias", torch.zeros)):
+        module.register_parameter(prefix + pname, nn.Parameter(init(num_features, **factory)) if affine else None)
+    module.register_buffer("running_mean", torch.zeros(num_features, **factory))
+    module.register_buffer("running_var", torch.ones(num_features, **factory))
+    module.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+
+def own_class(module: nn.Module) -> None:
+    """Give ``module`` its own copy of its class. ``parametrize.remove_parametrizations`` deletes the
+    parametrized property from the module's class, which a deep copy of the model shares with the
+    original; with its own class, removing it from a copy leaves the original intact."""
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__,
+                            {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+
+
+def remove_one_parametrization(module: nn.Module, name: str, cls: type, bake: bool, what: str) -> None:
+    """Remove the parametrization of type ``cls`` from ``module.<name>``, keeping any others;
+    ``bake=True`` keeps its effect in the weight (possible only when it is the first of the stack)."""
+    if not parametrize.is_parametrized(module, name):
+        raise ValueError(f"{what}: {type(module).__name__}.{name} carries no {cls.__name__} (it is not parametrized)")
+    plist = module.parametrizations[name]
+    idx = [i for i, p in enumerate(plist) if isinstance(p, cls)]
+    if not idx:
+        raise ValueError(f"{what}: {type(module).__name__}.{name} carries no {cls.__name__}")
+    i = idx[0]
+    if len(plist) == 1:
+        own_class(module)
+        parametrize.remove_parametrizations(module, name, leave_parametrized=bake)
+        return
+    if bake and i != 0:
+        raise ValueError(f"{what}: {cls.__name__} is not the first of the parametrizations of "
+                         f"{type(module).__name__}.{name}, so it cannot be baked alone; pass bake=False "
+                         "or remove the parametrizations applied before it first")
+    if bake:
+        with torch.no_grad():
+            plist.original.copy_(plist[0](plist.original))
+    del plist[i]
+
+
+def weight_of(module: nn.Module, name: str, what: str) -> Tensor:
+    """``module.<name>``, checked to be a tensor of at least 2 dims (out, in, *kernel)."""
+    w = getattr(module, name, None)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{what}: {type(module).__name__} has no tensor {name!r}")
+    if w.dim() < 2:
+        raise ValueError(f"{what}: {type(module).__name__}.{name} has shape {tuple(w.shape)}; it needs "
+                         "(out, in, *kernel) with at least 2 dims")
+    return w
