@@ -206,3 +206,14 @@ def test_report_kinds_write_their_plots(tmp_path, kind, png):
         assert "| std_loss | 0.001 |" in text or "| std_loss | 0.01 |" in text
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert all(len(row["preact"]) == 3 for r in runs for row in r["curve"])
+
+
+def test_tensorboard_export(tmp_path):
+    exp = validate({"methods": ["none"], "seeds": 1, "run": {"model": "mlp", "steps": 10, "eval_every": 5}}, "tb")
+    run_experiment(exp, tmp_path, workers=0, progress=False).close()
+    assert cli.main(["report", str(tmp_path), "--tensorboard"]) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "none" / "seed0"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("test_acc")] == [0, 5, 10]

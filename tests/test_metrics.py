@@ -26,6 +26,10 @@ def test_speedup_headline_at_baseline_best():
     assert speedup(BASE, SLOW) is None  # never reached: not a number
     assert speedup(BASE, FAST, target=0.3) == 1.0
     assert speedup(BASE, FAST, target=0.95) is None
+    # already there at step 0: counted at its first evaluation (a lower bound), never infinite
+    early = curve([(0, 0.7), (100, 0.7), (200, 0.8)])
+    assert speedup(BASE, early) == 300 / 100
+    assert speedup(curve([(0, 0.5)]), early) == 1.0
 
 
 def test_speedup_curve_over_training():

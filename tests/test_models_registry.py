@@ -58,3 +58,45 @@ def test_swap_finds_nested_norms_and_keeps_channels():
     assert isinstance(model[1][1][0], nn.BatchNorm1d) and model[1][0].weight is None
     normlab.apply(model, "none")
     assert isinstance(model[1][0], nn.Identity)
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def resnet():
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Sequential(Block(32), Block(32)), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("spec", sorted(normlab.methods()) + ["ws+gn", "std_loss+msr", "l1bn+bwn", "none+msr"])
+def test_every_method_converts_a_resnet_style_model_forward_and_backward(spec):
+    model = resnet()
+    handle = normlab.apply(model, spec)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(x), y) + handle.aux_loss()
+        opt.zero_grad()
+        loss.backward()
+        handle.before_step()
+        opt.step()
+        handle.after_step()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    from normlab.methods.registry import get_method
+
+    norm_methods = [p for p in spec.split("+") if get_method(p).kind == "norm"]
+    if norm_methods and norm_methods[0] not in ("bn", "bn_shift"):  # every BN replaced, none left over
+        assert not [m for m in model.modules() if type(m) is nn.BatchNorm2d], f"{spec} left BatchNorm2d layers"
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (4, 10)

@@ -3,7 +3,7 @@
     normlab reproduce mnist-cnn              # the paper's MNIST CNN experiment (30 runs) -> runs/mnist-cnn/
     normlab reproduce --list                 # the bundled experiments
     normlab run my-sweep.toml --out DIR      # any experiment file
-    normlab report DIR                       # rebuild report.md, runs.json and the plots from DIR/runs.db
+    normlab report DIR [--tensorboard]       # rebuild report.md, runs.json and the plots from DIR/runs.db
     normlab results DIR [--method M] [--csv F]
     normlab methods                          # the registered methods
 """
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_options(p)
     p = sub.add_parser("report", help="write report.md, runs.json and plots from a results folder")
     p.add_argument("folder", type=Path)
+    p.add_argument("--tensorboard", nargs="?", const="", metavar="LOGDIR",
+                   help="also write the curves as TensorBoard logs (default LOGDIR: FOLDER/tensorboard)")
     p = sub.add_parser("results", help="list the runs of a results folder, optionally as CSV")
     p.add_argument("folder", type=Path)
     p.add_argument("--method")
@@ -86,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args, str(args.file))
         if args.command == "report":
-            from .experiments import build_report
+            from .experiments import build_report, export_tensorboard
 
             build_report(args.folder)
+            if args.tensorboard is not None:
+                logdir = export_tensorboard(args.folder, args.tensorboard or None)
+                print(f"TensorBoard logs: {logdir} (tensorboard --logdir {logdir})")
             return 0
         if args.command == "results":
             return _results(args)

@@ -57,14 +57,22 @@ def speedup(baseline: Curve, method: Curve, target: float | None = None, key: st
 
     ``a`` defaults to the baseline's best accuracy (the paper's headline). ``None`` when the method
     never reaches ``a`` (or the baseline does not); a value above 1 means the method is faster.
-    A target reached at step 0 by both counts as a speed-up of 1.
+    A target reached at step 0 by both counts as a speed-up of 1; a method already at the target at
+    step 0 while the baseline needs training counts as reaching it at its first evaluation after
+    step 0 (a lower bound, the finest the curve can resolve).
     """
     a = best(baseline, key) if target is None else target
     b, m = steps_to_target(baseline, a, key), steps_to_target(method, a, key)
+    return _ratio(b, m, method, key)
+
+
+def _ratio(b: int | None, m: int | None, method: Curve, key: str) -> float | None:
     if b is None or m is None:
         return None
+    if b == 0:
+        return 1.0 if m == 0 else b / m
     if m == 0:
-        return 1.0 if b == 0 else math.inf
+        m = min((s for s, _ in _points(method, key) if s > 0), default=1)
     return b / m
 
 
@@ -81,8 +89,7 @@ def speedup_curve(baseline: Curve, method: Curve, key: str = "test_acc") -> list
             continue
         record = value
         m = steps_to_target(method, value, key)
-        rows.append({"baseline_step": step, "target": value, "method_step": m,
-                     "speedup": None if m is None else (math.inf if m == 0 else step / m)})
+        rows.append({"baseline_step": step, "target": value, "method_step": m, "speedup": _ratio(step, m, method, key)})
     return rows
 
 

@@ -4,10 +4,10 @@ Data flows one way: experiment file -> validated :class:`Experiment` -> runs -> 
 -> :class:`Store` -> :func:`build_report`. A report is rebuilt from the store alone.
 """
 
-from .report import build_report, summarize
+from .report import build_report, export_tensorboard, summarize
 from .spec import Experiment, SpecError, bundled, load, override
 from .store import Store
 from .sweep import run_experiment
 
-__all__ = ["Experiment", "SpecError", "Store", "build_report", "bundled", "load", "override", "run_experiment",
+__all__ = ["Experiment", "SpecError", "Store", "build_report", "export_tensorboard", "bundled", "load", "override", "run_experiment",
            "summarize"]

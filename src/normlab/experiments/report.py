@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import metrics
 from .store import Store
 
-__all__ = ["build_report", "summarize"]
+__all__ = ["build_report", "summarize", "export_tensorboard"]
 
 
 def _groups(runs: list[dict], methods: list[str] | None = None) -> dict[str, list[dict]]:
@@ -359,3 +359,23 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
         print(f"report: {folder / 'report.md'}")
     store.close()
     return folder / "report.md"
+
+
+def export_tensorboard(folder: str | Path, logdir: str | Path | None = None) -> Path:
+    """Write every stored run's curve as TensorBoard scalars, one run directory per run
+    (``<logdir>/<group>/seed<k>``, default ``logdir = <folder>/tensorboard``); needs ``tensorboard``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("TensorBoard export needs the tensorboard package: pip install tensorboard") from e
+    folder = Path(folder)
+    logdir = Path(logdir) if logdir is not None else folder / "tensorboard"
+    with Store(folder) as store:
+        for run in store.runs():
+            tag = run["grp"].replace(" ", "_").replace("=", "-")
+            with SummaryWriter(str(logdir / tag / f"seed{run['seed']}")) as w:
+                for row in run["curve"]:
+                    for key in ("loss", "aux", "train_acc", "test_loss", "test_acc"):
+                        if row.get(key) is not None:
+                            w.add_scalar(key, row[key], row["step"])
+    return logdir
