@@ -129,6 +129,8 @@ def test_in_process_sweep_records_divergence_and_reports(tmp_path):
     build_report(tmp_path, echo=False)
     text = (tmp_path / "report.md").read_text()
     assert "| none lr=100000 | 1 | diverged |" in text
+    assert (tmp_path / "sweep_lr.png").stat().st_size > 1000  # a diverged point is marked, not plotted as a value
+    assert "every 10 steps" in text and "lower bound" in text
     # a second start repeats nothing
     again = run_experiment(exp, tmp_path, workers=0, progress=False)
     assert len(again.runs()) == 2
@@ -217,3 +219,17 @@ def test_tensorboard_export(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard" / "none" / "seed0"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("test_acc")] == [0, 5, 10]
+
+
+def test_diverged_runs_have_no_speedup():
+    from normlab.experiments.report import _paired_speedup
+
+    def run(seed, status, accs):
+        return {"seed": seed, "status": status, "curve": [{"step": 100 * i, "test_acc": a} for i, a in enumerate(accs)]}
+
+    base = [run(0, "done", [0.1, 0.5, 0.9]), run(1, "done", [0.1, 0.5, 0.9])]
+    # seed 1 diverged after reaching the target by chance: it must not count as a speed-up
+    method = [run(0, "done", [0.1, 0.9, 0.9]), run(1, "diverged", [0.95])]
+    agg = _paired_speedup(base, method)
+    assert agg.n == 1 and agg.mean == 2.0
+    assert _paired_speedup(base, [run(0, "diverged", [0.95])]).format(unit="x") == "n/a"

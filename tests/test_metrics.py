@@ -53,9 +53,9 @@ def test_aggregate_mean_std_ci_and_missing():
     assert a.n == 3 and a.missing == 1 and a.mean == 2.0 and a.std == 1.0
     half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2)
     assert a.ci_low == pytest.approx(2 - half) and a.ci_high == pytest.approx(2 + half)
-    assert "1/4 never reached" in a.format()
+    assert a.format(digits=2, unit="x") == "2.00 ± 1.00x (1/4 never reached)"
     none = aggregate([None, None])
-    assert none.mean is None and none.format() == "never reached"
+    assert none.mean is None and none.format(unit="x") == "never reached"
     single = aggregate([0.5])
     assert single.std is None and single.format(100) == "50.0"
 

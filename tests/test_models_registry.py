@@ -25,6 +25,23 @@ def test_mlp_and_factory_norm():
     assert [x.out_features for x in m.modules() if isinstance(x, nn.Linear)] == [100, 100, 100, 10]
 
 
+def test_glorot_init_bounds_and_zero_bias():
+    torch.manual_seed(0)
+    for m in (models.cnn(init="glorot"), models.mlp(init="glorot")):
+        layers = [x for x in m.modules() if isinstance(x, (nn.Conv2d, nn.Linear))]
+        for layer in layers:
+            w = layer.weight
+            fan_in, fan_out = w[0].numel(), w.shape[0] * w[0][0].numel()
+            bound = (6 / (fan_in + fan_out)) ** 0.5
+            assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound  # U(-b, b), near-filled
+            assert torch.count_nonzero(layer.bias) == 0
+    torch.manual_seed(0)
+    default = models.cnn()
+    assert torch.count_nonzero(default[0].bias) == 32  # PyTorch's own init is left alone
+    with pytest.raises(ValueError, match="init must be one of"):
+        models.mlp(init="he")
+
+
 def test_model_errors():
     with pytest.raises(ValueError, match="odd"):
         models.cnn(kernel_size=4)

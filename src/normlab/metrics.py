@@ -108,14 +108,15 @@ class Aggregate:
     ci_high: float | None
     missing: int = 0
 
-    def format(self, scale: float = 1.0, digits: int = 1, missing: str = "never reached") -> str:
+    def format(self, scale: float = 1.0, digits: int = 1, missing: str = "never reached", unit: str = "") -> str:
         """``"mean ± std"`` (scaled, e.g. by 100 for percent), with the count of missing values
-        (described by ``missing``) if any."""
+        (described by ``missing``) if any; ``unit`` follows the numbers."""
         if self.mean is None:
             return missing if self.missing else "n/a"
         text = f"{self.mean * scale:.{digits}f}"
         if self.std is not None:
             text += f" ± {self.std * scale:.{digits}f}"
+        text += unit
         if self.missing:
             text += f" ({self.missing}/{self.n + self.missing} {missing})"
         return text

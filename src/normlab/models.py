@@ -14,9 +14,30 @@ from torch import nn
 
 from .methods.registry import norm_layer
 
-__all__ = ["cnn", "mlp", "build", "MODELS"]
+__all__ = ["cnn", "mlp", "build", "init_weights", "MODELS", "INITS"]
 
 Norm = str | Callable[[int, int], nn.Module]
+INITS = ("torch", "glorot")
+
+
+def init_weights(model: nn.Module, init: str = "torch") -> nn.Module:
+    """Re-initialize every conv and linear layer of ``model`` in place, and return it.
+
+    ``"torch"`` keeps PyTorch's default (kaiming-uniform with ``a = sqrt(5)``, i.e.
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, for weights and biases). ``"glorot"`` draws weights from
+    ``U(-b, b)`` with ``b = sqrt(6 / (fan_in + fan_out))`` (Glorot & Bengio 2010) and sets biases to
+    zero: the default of TensorFlow's layers, which the standardization-loss paper used (it does not
+    state its init).
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "glorot":
+        for m in model.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+    return model
 
 
 def _norm(norm: Norm, num_features: int, dims: int) -> nn.Module:
@@ -26,11 +47,12 @@ def _norm(norm: Norm, num_features: int, dims: int) -> nn.Module:
 
 
 def cnn(norm: Norm = "bn", channels: Sequence[int] = (32, 16, 8), kernel_size: int = 3,
-        in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> nn.Sequential:
+        in_channels: int = 1, image_size: int = 28, num_classes: int = 10, init: str = "torch") -> nn.Sequential:
     """The paper's 3-layer CNN: ``[conv(k, stride 2, padding k//2) -> norm -> ReLU] x 3 -> linear``.
 
     32, 16 and 8 filters by default (Collins et al. 2019, appendix A.1); on 28x28 inputs the feature
-    maps are 14, 7 and 4 pixels wide, and the head sees ``8 * 4 * 4 = 128`` features.
+    maps are 14, 7 and 4 pixels wide, and the head sees ``8 * 4 * 4 = 128`` features. ``init``: see
+    :func:`init_weights`.
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd number (padding is k//2), got {kernel_size}")
@@ -41,20 +63,20 @@ def cnn(norm: Norm = "bn", channels: Sequence[int] = (32, 16, 8), kernel_size: i
                    _norm(norm, out, 2), nn.ReLU()]
         c, size = out, (size - 1) // 2 + 1
     layers += [nn.Flatten(), nn.Linear(c * size * size, num_classes)]
-    return nn.Sequential(*layers)
+    return init_weights(nn.Sequential(*layers), init)
 
 
 def mlp(norm: Norm = "bn", hidden: Sequence[int] = (100, 100, 100), in_features: int = 784,
-        num_classes: int = 10) -> nn.Sequential:
+        num_classes: int = 10, init: str = "torch") -> nn.Sequential:
     """The paper's 3-layer MLP: ``flatten -> [linear(100) -> norm -> ReLU] x 3 -> linear``
-    (Collins et al. 2019, appendix A.2)."""
+    (Collins et al. 2019, appendix A.2). ``init``: see :func:`init_weights`."""
     layers: list[nn.Module] = [nn.Flatten()]
     f = in_features
     for h in hidden:
         layers += [nn.Linear(f, h), _norm(norm, h, 0), nn.ReLU()]
         f = h
     layers.append(nn.Linear(f, num_classes))
-    return nn.Sequential(*layers)
+    return init_weights(nn.Sequential(*layers), init)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"cnn": cnn, "mlp": mlp}

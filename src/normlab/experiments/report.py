@@ -50,6 +50,14 @@ def _baseline_group(group: str, runs: list[dict], groups: dict[str, list[dict]],
     return None
 
 
+def _paired_speedup(base_runs: list[dict], runs: list[dict]) -> metrics.Aggregate:
+    """Speed-up of ``runs`` over ``base_runs``, paired by seed. A diverged run has no speed-up (its
+    curve stops at the last finite values): only seeds where both runs finished are compared."""
+    by_seed = {r["seed"]: r["curve"] for r in base_runs if r["status"] == "done"}
+    return metrics.aggregate(metrics.speedup(by_seed[r["seed"]], r["curve"]) for r in runs
+                             if r["seed"] in by_seed and r["status"] == "done")
+
+
 def summarize(store: Store) -> list[dict]:
     """One row per group: counts, final accuracy aggregate, paper figure, speed-up aggregate."""
     exp = store.meta("experiment", {}) or {}
@@ -63,9 +71,7 @@ def summarize(store: Store) -> list[dict]:
         base = _baseline_group(name, runs, groups, baseline)
         speed = None
         if base is not None and base != name:
-            by_seed = {r["seed"]: r for r in groups[base]}
-            pairs = [(by_seed[r["seed"]]["curve"], r["curve"]) for r in runs if r["seed"] in by_seed]
-            speed = metrics.aggregate(metrics.speedup(b, m) for b, m in pairs)
+            speed = _paired_speedup(groups[base], runs)
         ref = paper.get(name)
         rows.append({"group": name, "method": method, "n": len(runs),
                      "diverged": sum(r["status"] == "diverged" for r in runs),
@@ -92,7 +98,9 @@ def table(rows: list[dict]) -> str:
         if r["speedup"] is None:
             sp = "(baseline)" if r["baseline"] == r["group"] else "-"
         else:
-            sp = r["speedup"].format(digits=2) + "x" if r["speedup"].mean is not None else r["speedup"].format()
+            sp = r["speedup"].format(digits=2, unit="x")
+            if r["speedup"].n + r["speedup"].missing == 0 and r["diverged"]:
+                sp = "diverged"
         runs = str(r["n"])
         lines.append(f"| {r['group']} | {runs} | {f.format(100, missing='diverged')} | {ci} | {_fmt_paper(r['paper'])} | {sp} |")
     return "\n".join(lines)
@@ -180,7 +188,8 @@ def _swept(run: dict, key: str):
 
 
 def _plot_sweep(exp: dict, runs: list[dict], folder: Path) -> list[str]:
-    """Final test accuracy against each swept value, one line per method (mean ± std over seeds)."""
+    """Final test accuracy against each swept value, one line per method (mean ± std over the seeds
+    that finished); diverged runs are marked as such on the bottom edge."""
     plt = _plt()
     out = []
     for key in exp.get("grid", {}):
@@ -193,11 +202,22 @@ def _plot_sweep(exp: dict, runs: list[dict], folder: Path) -> list[str]:
                 if agg.mean is not None:
                     ax.axhline(agg.mean * 100, linestyle="--", color="grey", label=f"{method} (not swept)")
                 continue
-            pts = [(v, metrics.aggregate(r["final_test_acc"] for r in mine if _swept(r, key) == v)) for v in values]
-            pts = [(v, a) for v, a in pts if a.mean is not None]
-            if pts:
-                ax.errorbar([v for v, _ in pts], [a.mean * 100 for _, a in pts],
-                            yerr=[(a.std or 0) * 100 for _, a in pts], marker="o", capsize=3, label=method)
+            pts = [(v, metrics.aggregate(r["final_test_acc"] if r["status"] == "done" else None
+                                         for r in mine if _swept(r, key) == v)) for v in values]
+            color = None
+            done = [(v, a) for v, a in pts if a.mean is not None]
+            if done:
+                line = ax.errorbar([v for v, _ in done], [a.mean * 100 for _, a in done],
+                                   yerr=[(a.std or 0) * 100 for _, a in done], marker="o", capsize=3, label=method)
+                color = line.lines[0].get_color()
+            # Diverged runs have no final accuracy: an x on the bottom edge, never a made-up value.
+            for v, a in pts:
+                if a.missing:
+                    ax.plot([v], [0.03], marker="x", markersize=9, color=color, transform=ax.get_xaxis_transform(),
+                            clip_on=False, label=None if done else method)
+                    ax.annotate(f"{a.missing}/{a.n + a.missing} diverged", (v, 0.03), xycoords=ax.get_xaxis_transform(),
+                                textcoords="offset points", xytext=(0, 8), ha="center", va="bottom", rotation=90,
+                                fontsize=7, color=color)
         numeric = all(isinstance(v, (int, float)) for v in exp["grid"][key])
         if numeric and min(exp["grid"][key]) > 0 and max(exp["grid"][key]) / min(exp["grid"][key]) >= 10:
             ax.set_xscale("log")
@@ -233,17 +253,10 @@ def _best_lr_table(exp: dict, groups: dict[str, list[dict]]) -> list[str]:
             continue
         name, agg = best[method]
         lr = groups[name][0]["config"]["lr"]
-        by_seed = {r["seed"]: r["curve"] for r in groups[base_group]}
-        sp = metrics.aggregate(metrics.speedup(by_seed[r["seed"]], r["curve"]) for r in groups[name] if r["seed"] in by_seed)
+        sp = _paired_speedup(groups[base_group], groups[name])
         same = _baseline_group(name, groups[name], groups, base)
-        sp_same = "-"
-        if same is not None:
-            by_seed_same = {r["seed"]: r["curve"] for r in groups[same]}
-            agg_same = metrics.aggregate(metrics.speedup(by_seed_same[r["seed"]], r["curve"])
-                                         for r in groups[name] if r["seed"] in by_seed_same)
-            sp_same = agg_same.format(digits=2) + ("x" if agg_same.mean is not None else "")
-        lines.append(f"| {method} | {lr:g} | {agg.format(100)} | "
-                     f"{sp.format(digits=2) + ('x' if sp.mean is not None else '')} | {sp_same} |")
+        sp_same = "-" if same is None else _paired_speedup(groups[same], groups[name]).format(digits=2, unit="x")
+        lines.append(f"| {method} | {lr:g} | {agg.format(100)} | {sp.format(digits=2, unit='x')} | {sp_same} |")
     return lines
 
 
@@ -326,7 +339,9 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
            "Final accuracy: mean over the runs that did not diverge (a diverged run is counted, not averaged). "
            "Speed-up: per seed, the steps the baseline needs to reach its best test accuracy divided by the steps "
            "the method needs to reach the same accuracy (Collins et al. 2019), then mean ± std over seeds; a "
-           "method that never reaches it is counted as such, not as a number.", ""]
+           "method that never reaches it is counted as such, not as a number. Steps are counted at the "
+           f"evaluations (every {cfg['eval_every']} steps): a method that is already there at its first evaluation "
+           f"scores the baseline's steps / {cfg['eval_every']}, a lower bound of its speed-up.", ""]
     comparison = _comparison(rows)
     if comparison:
         md += ["## Against the paper", ""] + comparison + [""]
