@@ -339,24 +339,6 @@ def test_identity_chains_grouped_and_transposed_convs():
 
 # --- layers of the other normlab method modules --------------------------------------------------
 
-@pytest.mark.parametrize("spec", ["l1bn", "topkbn", "linfbn"])
-def test_lp_batch_norms_fold(spec):
-    from normlab.methods.lp_batchnorm import L1BatchNorm1d, L1BatchNorm2d, TopKBatchNorm2d
-
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3),
-                          nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 5), nn.BatchNorm1d(5))
-    normlab.apply(model, spec)
-    assert isinstance(model[1], TopKBatchNorm2d if spec != "l1bn" else L1BatchNorm2d)
-    if spec == "l1bn":
-        assert isinstance(model[8], L1BatchNorm1d)
-    warm_up(model, (16, 3, 7, 7))
-    assert model[1].running_var.sub(1).abs().max() > 0.05
-    folded = fold(model)
-    assert_equivalent(model, folded, torch.randn(8, 3, 7, 7) * 2 + 0.7)
-    assert_clean(folded)
-    assert fold_report(model).folded == {"1": "0", "4": "3", "8": "7"}
-
-
 def test_weight_standardization_is_baked_and_bn_folded():
     from normlab.methods.ws import WSConv2d
 
@@ -381,12 +363,14 @@ def bn_net() -> nn.Sequential:
                          nn.ReLU(), nn.Linear(6, 3))
 
 
-def test_estimated_batch_norm_folds():
-    from normlab.methods.bcn import EstimatedBatchNorm1d, EstimatedBatchNorm2d
-
+@pytest.mark.parametrize("spec,types", [("l1bn", ("L1BatchNorm2d", "L1BatchNorm1d")),
+                                        ("topkbn", ("TopKBatchNorm2d", "TopKBatchNorm1d")),
+                                        ("linfbn", ("TopKBatchNorm2d", "TopKBatchNorm1d")),
+                                        ("estbn", ("EstimatedBatchNorm2d", "EstimatedBatchNorm1d"))])
+def test_batch_statistics_norms_fold(spec, types):
     model = bn_net()
-    normlab.apply(model, "estbn")
-    assert isinstance(model[1], EstimatedBatchNorm2d) and isinstance(model[8], EstimatedBatchNorm1d)
+    normlab.apply(model, spec)
+    assert (type(model[1]).__name__, type(model[8]).__name__) == types
     warm_up(model, (16, 3, 7, 7))
     assert model[1].running_var.sub(1).abs().max() > 0.05
     folded = fold(model)

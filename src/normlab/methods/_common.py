@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def running_affine(running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -100,3 +104,27 @@ def weight_of(module: nn.Module, name: str, what: str) -> Tensor:
         raise ValueError(f"{what}: {type(module).__name__}.{name} has shape {tuple(w.shape)}; it needs "
                          "(out, in, *kernel) with at least 2 dims")
     return w
+
+
+def resolve_modules(model: nn.Module, modules: Sequence[nn.Module | str] | nn.Module | str,
+                    what: str) -> list[tuple[str, nn.Module]]:
+    """``modules`` (modules of ``model`` or qualified names) as ``(name, module)`` pairs."""
+    if isinstance(modules, (nn.Module, str)):
+        modules = [modules]
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for m in modules:
+        if isinstance(m, str):
+            try:
+                sub = model.get_submodule(m)
+            except AttributeError:
+                avail = [n for n, mm in model.named_modules() if isinstance(mm, CONVS + (nn.Linear,))]
+                raise ValueError(f"{what}: model has no submodule {m!r}; conv/linear layers: {avail}") from None
+            out.append((m, sub))
+        elif isinstance(m, nn.Module):
+            if id(m) not in names:
+                raise ValueError(f"{what}: a {type(m).__name__} given is not a submodule of the model")
+            out.append((names[id(m)], m))
+        else:
+            raise TypeError(f"{what}: entries must be nn.Module or qualified names, got {type(m).__name__}")
+    return out

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._common import remove_one_parametrization, weight_of
+from ._common import remove_one_parametrization, resolve_modules, weight_of
 from .registry import Handle, register
 
 __all__ = ["BoundedWeightNorm", "bounded_weight_norm", "remove_bounded_weight_norm"]
@@ -141,20 +141,7 @@ def _apply(handle: Handle, p: float | int | str = 2, head: bool = False,
     if modules is None:
         targets = default_targets(model, head)
     else:
-        by_id = {id(m): n for n, m in model.named_modules()}
-        targets = []
-        for m in modules:
-            if isinstance(m, str):
-                try:
-                    targets.append((m, model.get_submodule(m)))
-                except AttributeError:
-                    avail = [n for n, _ in default_targets(model, True)]
-                    raise ValueError(f"bwn: model has no submodule {m!r}; conv/linear layers: {avail}") from None
-            elif isinstance(m, nn.Module) and id(m) in by_id:
-                targets.append((by_id[id(m)], m))
-            else:
-                raise ValueError(f"bwn: modules entries must be submodules of the model or their qualified "
-                                 f"names, got {m!r}")
+        targets = resolve_modules(model, modules, "bwn: modules")
     if not targets:
         raise ValueError("bwn: found no Conv*d or Linear layer besides the classifier head; pass head=True "
                          "or modules=[...]")

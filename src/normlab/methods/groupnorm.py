@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import check_input, init_running_stats, pick_by_dims, running_affine
+from ._common import check_input, pick_by_dims
 from .registry import register, register_norm_type
 
 __all__ = ["GroupNorm1d", "GroupNorm2d", "LayerNorm1d", "LayerNorm2d", "check_groups"]

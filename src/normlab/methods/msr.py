@@ -44,11 +44,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._common import CONVS as _CONVS
+from ._common import resolve_modules
 from .registry import Handle, register
 
 __all__ = ["MeanShiftRejection", "msr_init", "slice_dims"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MODES = ("project", "amplify", "both")
 
 
@@ -83,18 +84,10 @@ def _targets(model: nn.Module, linear: bool, modules: Sequence[nn.Module | str] 
     kinds = _CONVS + ((nn.Linear,) if linear else ())
     if modules is None:
         return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
-    names = {id(m): n for n, m in model.named_modules()}
-    out = []
-    for m in modules:
-        if isinstance(m, str):
-            try:
-                m = model.get_submodule(m)
-            except AttributeError:
-                avail = [n for n, mm in model.named_modules() if isinstance(mm, _CONVS + (nn.Linear,))]
-                raise ValueError(f"modules: model has no submodule {m!r}; conv/linear layers: {avail}") from None
-        if id(m) not in names or not isinstance(m, _CONVS + (nn.Linear,)):
+    out = resolve_modules(model, modules, "modules")
+    for _, m in out:
+        if not isinstance(m, _CONVS + (nn.Linear,)):
             raise ValueError(f"modules: every entry must be a Conv*d or Linear of the model, got {type(m).__name__}")
-        out.append((names[id(m)], m))
     return out
 
 

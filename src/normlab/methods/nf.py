@@ -44,8 +44,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .registry import Handle, register, swap_norms
-from ._common import remove_one_parametrization
-from .ws import _CONVS, _LOW, _centred, _check_weight, _leaves, resolve_modules
+from ._common import CONVS as _CONVS
+from ._common import remove_one_parametrization, resolve_modules
+from .ws import _LOW, _centred, _check_weight, _leaves
 
 __all__ = ["ScaledWeightStandardization", "scaled_weight_standardization",
            "remove_scaled_weight_standardization", "nonlinearity_gamma", "AdaptiveGradientClipping",

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import layer_kls
+from ._common import resolve_modules
 from .registry import Handle, register, register_norm_type, swap_norms
 
 __all__ = ["StandardizationLoss", "ChannelAffine"]
@@ -97,21 +98,7 @@ class StandardizationLoss:
                 raise ValueError("model has no Conv*d or Linear layer besides the classifier head to "
                                  "probe; pass modules=[...] explicitly")
             return found
-        names = {id(m): name for name, m in model.named_modules()}
-        out = []
-        for m in modules:
-            if isinstance(m, str):
-                try:
-                    out.append((m, model.get_submodule(m)))
-                except AttributeError:
-                    avail = [n for n, mm in model.named_modules() if isinstance(mm, _PROBED)]
-                    raise ValueError(f"modules: model has no submodule {m!r}; conv/linear layers: {avail}") from None
-            elif isinstance(m, nn.Module):
-                if id(m) not in names:
-                    raise ValueError(f"modules: {type(m).__name__} instance is not a submodule of model")
-                out.append((names[id(m)] or "<root>", m))
-            else:
-                raise TypeError(f"modules entries must be nn.Module or qualified names, got {type(m).__name__}")
+        out = [(name or "<root>", m) for name, m in resolve_modules(model, modules, "modules")]
         if not out:
             raise ValueError("modules is empty: nothing to probe")
         return out

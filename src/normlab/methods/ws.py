@@ -31,13 +31,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._common import remove_one_parametrization, weight_of
+from ._common import CONVS as _CONVS
+from ._common import remove_one_parametrization, resolve_modules, weight_of
 from .registry import Handle, norm_types, register
 
 __all__ = ["WeightStandardization", "weight_standardization", "remove_weight_standardization",
            "WSConv2d", "standardize", "is_standardized"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LOW = (torch.float16, torch.bfloat16)
 
 
@@ -169,30 +169,6 @@ def followed_by_norm(model: nn.Module) -> set[str]:
     for (name, m), (_, nxt) in zip(leaves, leaves[1:]):
         if isinstance(m, _CONVS + (nn.Linear,)) and isinstance(nxt, norms):
             out.add(name)
-    return out
-
-
-def resolve_modules(model: nn.Module, modules: Sequence[nn.Module | str] | nn.Module | str,
-                    what: str) -> list[tuple[str, nn.Module]]:
-    """``modules`` (modules of ``model`` or qualified names) as ``(name, module)`` pairs."""
-    if isinstance(modules, (nn.Module, str)):
-        modules = [modules]
-    names = {id(m): n for n, m in model.named_modules()}
-    out = []
-    for m in modules:
-        if isinstance(m, str):
-            try:
-                sub = model.get_submodule(m)
-            except AttributeError:
-                avail = [n for n, mm in model.named_modules() if isinstance(mm, _CONVS + (nn.Linear,))]
-                raise ValueError(f"{what}: model has no submodule {m!r}; conv/linear layers: {avail}") from None
-            out.append((m, sub))
-        elif isinstance(m, nn.Module):
-            if id(m) not in names:
-                raise ValueError(f"{what}: a {type(m).__name__} given is not a submodule of the model")
-            out.append((names[id(m)], m))
-        else:
-            raise TypeError(f"{what}: entries must be nn.Module or qualified names, got {type(m).__name__}")
     return out
 
 
