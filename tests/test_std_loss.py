@@ -160,3 +160,50 @@ def test_training_step_lowers_the_loss():
         aux.backward()
         opt.step()
     assert aux.item() < 0.5 * first
+
+
+def inplace_net(inplace: bool, norm: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 4, 3, padding=1)] + ([nn.BatchNorm2d(4)] if norm else [])
+    return nn.Sequential(*layers, nn.ReLU(inplace=inplace), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def test_tensor_overwritten_in_place_is_a_clear_error_not_wrong_statistics():
+    model = inplace_net(inplace=True)
+    std = StandardizationLoss(model)
+    model(torch.randn(16, 1, 6, 6))
+    with pytest.raises(RuntimeError, match="modified in place.*copy=True"):
+        std()
+
+
+def test_copy_keeps_the_pre_activation_under_an_inplace_relu():
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
+    grads, values = [], []
+    for inplace, copy in ((False, False), (True, True)):
+        model = inplace_net(inplace)
+        with StandardizationLoss(model, copy=copy) as std:
+            out = model(x)
+            loss = F.cross_entropy(out, y) + std()
+            values.append((out.detach(), std.terms()["0"]))
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert torch.equal(values[0][0], values[1][0])
+    assert values[1][1] == pytest.approx(standardization_kl(inplace_net(False)[0](x)).item(), rel=1e-6)
+    assert values[0][1] == pytest.approx(values[1][1], rel=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_method_copies_by_default_when_the_model_has_inplace_modules():
+    x = torch.randn(16, 1, 6, 6)
+    ref = normlab.apply(inplace_net(False, norm=True), "std_loss")
+    assert not ref.state["std_loss"].copy
+    ref.model(x)
+    handle = normlab.apply(inplace_net(True, norm=True), "std_loss")
+    assert handle.state["std_loss"].copy
+    handle.model(x)
+    assert handle.aux_loss().item() == pytest.approx(ref.aux_loss().item(), rel=1e-6)
+    off = normlab.apply(inplace_net(True, norm=True), "std_loss", copy=False)
+    off.model(x)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        off.aux_loss()

@@ -46,6 +46,13 @@ class StandardizationLoss:
     recorded and nothing is computed. Calling the object returns the loss of everything recorded
     since the previous call and starts afresh, so a step never adds a stale term twice.
 
+    The hooks keep a reference to each tensor, and the moments are taken when the loss is asked
+    for. If something overwrites a recorded tensor in place before that (``nn.ReLU(inplace=True)``
+    right after a probed conv, ``out += identity``), its pre-activation values are gone: the call
+    raises ``RuntimeError`` rather than return the statistics of the overwritten values. Pass
+    ``copy=True`` to hand the rest of the model a copy of each probed output instead (one extra
+    copy of each probed tensor per step).
+
     Args:
         model: any ``nn.Module``; it is not modified.
         weight: multiplier of the summed KL terms (the paper: 1.0 on MNIST, 1e-6 on ResNet-50).
@@ -54,6 +61,8 @@ class StandardizationLoss:
         eps: added to the variance inside the log.
         reduction: per layer, ``"sum"`` (default) or ``"mean"`` over channels.
         record: ``"output"`` (default) or ``"input"`` of each module.
+        copy: replace each probed module's output by a copy in training mode, so that in-place
+            operations after it cannot touch the recorded tensor.
 
     Example::
 
@@ -70,6 +79,7 @@ class StandardizationLoss:
         eps: float = 1e-5,
         reduction: str = "sum",
         record: str = "output",
+        copy: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -85,8 +95,9 @@ class StandardizationLoss:
         self.eps = float(eps)
         self.reduction = reduction
         self.record = record
+        self.copy = bool(copy)
         self.modules = self._resolve(model, modules)
-        self._pending: list[tuple[str, Tensor]] = []
+        self._pending: list[tuple[str, Tensor, int]] = []
         self._last: tuple[tuple[str, ...], Tensor] = ((), torch.zeros(0))
         self._hooks = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
 
@@ -106,9 +117,13 @@ class StandardizationLoss:
     def _hook(self, name: str):
         use_input = self.record == "input"
 
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             if module.training and torch.is_grad_enabled():
-                self._pending.append((name, args[0] if use_input else output))
+                z = args[0] if use_input else output
+                self._pending.append((name, z, z._version))
+                if self.copy:
+                    return output.clone()
+            return None
 
         return hook
 
@@ -121,8 +136,15 @@ class StandardizationLoss:
         pending, self._pending = self._pending, []
         if not pending:
             return torch.zeros(())
-        per_layer = layer_kls([z for _, z in pending], eps=self.eps, reduction=self.reduction)
-        self._last = (tuple(name for name, _ in pending), per_layer.detach())
+        for name, z, version in pending:
+            if z._version != version:
+                raise RuntimeError(
+                    f"the {self.record} of module '{name}' was modified in place after the standardization "
+                    "loss recorded it (e.g. by nn.ReLU(inplace=True) or `out += identity`), so its "
+                    "pre-activation statistics are gone; make that operation out of place, or pass "
+                    "copy=True (normlab.apply(model, 'std_loss', copy=True) / StandardizationLoss(..., copy=True))")
+        per_layer = layer_kls([z for _, z, _ in pending], eps=self.eps, reduction=self.reduction)
+        self._last = (tuple(name for name, _, _ in pending), per_layer.detach())
         total = per_layer.sum()
         return total * self.weight if self.weight != 1.0 else total
 
@@ -188,11 +210,18 @@ class _Probe(nn.Identity):
 @register("std_loss", "standardization loss (Collins et al. 2019): KL of each pre-activation channel to N(0,1), "
           "added to the task loss in training, nothing at test time", kind="norm")
 def _apply(handle: Handle, weight: float = 1.0, eps: float = 1e-5, reduction: str = "sum",
-           affine: bool = False, modules: Sequence[nn.Module | str] | None = None) -> None:
+           affine: bool = False, modules: Sequence[nn.Module | str] | None = None,
+           copy: bool | None = None) -> None:
     """Replace each normalization layer by a probe (identity, or a per-channel affine with
     ``affine=True``) and add the loss on the probes' inputs; a model without normalization layers
-    is probed at every Conv/Linear output but the head (or at ``modules``)."""
+    is probed at every Conv/Linear output but the head (or at ``modules``).
+
+    ``copy`` (see :class:`StandardizationLoss`): by default on when ``affine`` is off and the model
+    has a module with ``inplace=True`` (e.g. ``nn.ReLU(inplace=True)``, as in torchvision's
+    ResNets), which would otherwise overwrite the pre-activations that batch norm used to copy."""
     model = handle.model
+    if copy is None:
+        copy = not affine and any(getattr(m, "inplace", False) is True for m in model.modules())
     if modules is None:
         def factory(nf: int, dims: int | None) -> nn.Module:
             return ChannelAffine(nf, dims) if affine else _Probe()
@@ -201,14 +230,14 @@ def _apply(handle: Handle, weight: float = 1.0, eps: float = 1e-5, reduction: st
         handle.swapped.extend(swapped)
         if swapped:
             modules = swapped
-            loss = StandardizationLoss(model, weight, modules, eps, reduction, record="input")
+            loss = StandardizationLoss(model, weight, modules, eps, reduction, record="input", copy=copy)
         elif affine:
             raise ValueError("std_loss: affine=True puts a scale and shift where the normalization "
                              "layers were, but the model has none; build it with norm='bn' placeholders")
         else:
-            loss = StandardizationLoss(model, weight, None, eps, reduction)
+            loss = StandardizationLoss(model, weight, None, eps, reduction, copy=copy)
     else:
-        loss = StandardizationLoss(model, weight, modules, eps, reduction)
+        loss = StandardizationLoss(model, weight, modules, eps, reduction, copy=copy)
     handle.losses.append(loss)
     handle.removers.append(loss.remove)
     handle.state["std_loss"] = loss
