@@ -70,3 +70,16 @@ def test_checkpoint_resume_gives_the_same_numbers(tmp_path):
 def test_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):
         RunConfig(**bad)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_preactivation_percentiles_are_of_the_relu_input(inplace):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(inplace=inplace), torch.nn.Linear(6, 2))
+    x = torch.randn(200, 4)
+    qs = [1, 50, 99]
+    got = engine.preactivation_percentiles(model, x, qs)
+    with torch.no_grad():
+        expected = torch.quantile(model[0](x).flatten(), torch.tensor([0.01, 0.5, 0.99])).tolist()
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got[0] < 0  # the negative half survives an in-place ReLU

@@ -177,7 +177,8 @@ def preactivation_percentiles(model: nn.Module, x: Tensor, qs: list[float], chan
     if not relus:
         raise ValueError("percentiles: the model has no nn.ReLU whose input to record")
     seen: list[Tensor] = []
-    hook = relus[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().float().flatten()))
+    # A copy: an in-place ReLU would otherwise overwrite the recorded values.
+    hook = relus[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().float().flatten().clone()))
     was_training = model.training
     model.eval()
     try:
