@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from .methods._common import LAYERS
 from .methods.registry import norm_layer
 
 __all__ = ["cnn", "mlp", "build", "init_weights", "MODELS", "INITS"]
@@ -33,7 +34,7 @@ def init_weights(model: nn.Module, init: str = "torch") -> nn.Module:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if init == "glorot":
         for m in model.modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            if isinstance(m, LAYERS):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYERS = CONVS + (nn.Linear,)  # the layers with a weight to standardize, bound or probe
 
 
 def running_affine(running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -118,7 +119,7 @@ def resolve_modules(model: nn.Module, modules: Sequence[nn.Module | str] | nn.Mo
             try:
                 sub = model.get_submodule(m)
             except AttributeError:
-                avail = [n for n, mm in model.named_modules() if isinstance(mm, CONVS + (nn.Linear,))]
+                avail = [n for n, mm in model.named_modules() if isinstance(mm, LAYERS)]
                 raise ValueError(f"{what}: model has no submodule {m!r}; conv/linear layers: {avail}") from None
             out.append((m, sub))
         elif isinstance(m, nn.Module):

@@ -26,12 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._common import remove_one_parametrization, resolve_modules, weight_of
+from ._common import LAYERS, remove_one_parametrization, resolve_modules, weight_of
 from .registry import Handle, register
 
 __all__ = ["BoundedWeightNorm", "bounded_weight_norm", "remove_bounded_weight_norm"]
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _LOW = (torch.float16, torch.bfloat16)
 _NORM_FLOOR = 1e-12
 
@@ -122,7 +121,7 @@ def default_targets(model: nn.Module, head: bool = False) -> list[tuple[str, nn.
     """Every ``Conv*d`` and ``Linear`` of ``model``, without the last ``Linear`` (the classifier head)
     unless ``head=True``."""
     found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, _LAYERS) and "parametrizations" not in n.split(".")]
+             if isinstance(m, LAYERS) and "parametrizations" not in n.split(".")]
     linears = [i for i, (_, m) in enumerate(found) if isinstance(m, nn.Linear)]
     if linears and not head:
         del found[linears[-1]]

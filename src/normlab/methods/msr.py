@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._common import CONVS as _CONVS
-from ._common import resolve_modules
+from ._common import LAYERS, resolve_modules
 from .registry import Handle, register
 
 __all__ = ["MeanShiftRejection", "msr_init", "slice_dims"]
@@ -86,7 +86,7 @@ def _targets(model: nn.Module, linear: bool, modules: Sequence[nn.Module | str] 
         return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
     out = resolve_modules(model, modules, "modules")
     for _, m in out:
-        if not isinstance(m, _CONVS + (nn.Linear,)):
+        if not isinstance(m, LAYERS):
             raise ValueError(f"modules: every entry must be a Conv*d or Linear of the model, got {type(m).__name__}")
     return out
 

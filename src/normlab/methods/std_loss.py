@@ -16,17 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import layer_kls
-from ._common import resolve_modules
+from ._common import LAYERS, resolve_modules
 from .registry import Handle, register, register_norm_type, swap_norms
 
 __all__ = ["StandardizationLoss", "ChannelAffine"]
 
-_PROBED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
 
 def default_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every ``Conv*d`` and ``Linear`` of ``model`` except the last ``Linear`` (the classifier head)."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, _PROBED)]
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LAYERS)]
     linears = [i for i, (_, m) in enumerate(found) if isinstance(m, nn.Linear)]
     if linears:
         del found[linears[-1]]

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._common import CONVS as _CONVS
-from ._common import remove_one_parametrization, resolve_modules, weight_of
+from ._common import LAYERS, remove_one_parametrization, resolve_modules, weight_of
 from .registry import Handle, norm_types, register
 
 __all__ = ["WeightStandardization", "weight_standardization", "remove_weight_standardization",
@@ -151,7 +151,7 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if "parametrizations" in name.split("."):
             continue
         kids = [c for n, c in m.named_children() if n != "parametrizations"]
-        if not kids or isinstance(m, _CONVS + (nn.Linear,) + norm_types() + _EXTRA_NORMS):
+        if not kids or isinstance(m, LAYERS + norm_types() + _EXTRA_NORMS):
             out.append((name, m))
     return out
 
@@ -167,7 +167,7 @@ def followed_by_norm(model: nn.Module) -> set[str]:
     leaves = _leaves(model)
     out = set()
     for (name, m), (_, nxt) in zip(leaves, leaves[1:]):
-        if isinstance(m, _CONVS + (nn.Linear,)) and isinstance(nxt, norms):
+        if isinstance(m, LAYERS) and isinstance(nxt, norms):
             out.add(name)
     return out
 
