@@ -1,6 +1,7 @@
 """Cost of the standardization loss per training step of the paper's MNIST CNN, side by side.
 
-Measures one SGD step (forward, loss, backward, update; batch 128, channels_last, one thread) of
+Measures one SGD step as ``normlab.engine.train`` runs it (the minibatch gathered from the in-memory
+training set, forward, loss, backward, update; batch 128, channels_last, one thread) of
 
 * ``none``      - no normalization (the reference the overhead is measured against),
 * ``std_loss``  - normlab's standardization loss (``normlab.apply(model, "std_loss")``),
@@ -42,7 +43,7 @@ def naive_std_loss(model: torch.nn.Module) -> tuple[list, list]:
     return terms, [c.register_forward_hook(hook) for c in convs]
 
 
-def make_step(variant: str, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+def make_step(variant: str, data_x: torch.Tensor, data_y: torch.Tensor, batches: list[torch.Tensor]):
     torch.manual_seed(0)
     norm = variant if variant in ("bn", "bn_shift") else "none"
     fmt = torch.contiguous_format if variant == "naive_nchw" else torch.channels_last
@@ -63,9 +64,9 @@ def make_step(variant: str, batches: list[tuple[torch.Tensor, torch.Tensor]]):
 
     def step() -> None:
         nonlocal i
-        x, y = batches[i % len(batches)]
+        idx = batches[i % len(batches)]
         i += 1
-        x = x.contiguous(memory_format=fmt)
+        x, y = data_x[idx].contiguous(memory_format=fmt), data_y[idx]  # as normlab.engine.train does
         loss = F.cross_entropy(model(x), y) + aux()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,12 +84,9 @@ def main() -> None:
     engine.configure_worker(args.threads)
     ds = data.load("mnist", progress=False)
     g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(50):
-        idx = torch.randint(0, len(ds.train_y), (128,), generator=g)
-        batches.append((ds.train_x[idx].contiguous(memory_format=torch.channels_last), ds.train_y[idx]))
+    batches = [torch.randint(0, len(ds.train_y), (128,), generator=g) for _ in range(50)]
     variants = ["none", "std_loss", "naive", "naive_nchw", "bn", "bn_shift"]
-    steps = {v: make_step(v, batches) for v in variants}
+    steps = {v: make_step(v, ds.train_x, ds.train_y, batches) for v in variants}
     for step in steps.values():  # warm up (oneDNN primitive caches, allocator)
         for _ in range(30):
             step()

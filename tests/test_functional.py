@@ -2,8 +2,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from normlab.functional import channel_moments, layer_kls, standardization_kl
+from normlab.functional import channel_moments, layer_kls, patch_moments, standardization_kl
 
 
 def reference_kl(z, dims):
@@ -119,3 +120,63 @@ def test_half_precision_finite_and_float32_statistics(dtype):
 def test_bad_inputs(bad, exc, match):
     with pytest.raises(exc, match=match):
         standardization_kl(**bad)
+
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@pytest.mark.parametrize("d, geometry", [
+    (1, dict(stride=3, padding=0, dilation=1)),
+    (2, dict(stride=2, padding=1, dilation=1)),
+    (2, dict(stride=(1, 2), padding=(2, 0), dilation=(2, 1))),
+    (3, dict(stride=(1, 2, 1), padding=(1, 0, 1), dilation=1)),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_patch_moments_stand_for_the_conv_output(d, geometry, bias):
+    x = torch.randn(6, 3, *([9] * d), dtype=torch.float64)
+    w = torch.randn(5, 3, *([3] * d), dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True) if bias else None
+    z = CONV[d](x, w, b, **geometry)
+    pm = patch_moments(x, w, b, **geometry)
+    mean, var = channel_moments(z.detach())
+    w2 = w.detach().reshape(5, -1)
+    torch.testing.assert_close(w2 @ pm.mean + (0 if b is None else b.detach()), mean)
+    torch.testing.assert_close(((w2 @ pm.cov) * w2).sum(1), var)
+    assert pm.count == z.numel() // 5
+    params = (w, b) if bias else (w,)
+    for reduction in ("sum", "mean"):
+        ref = layer_kls([z, z * 2], reduction=reduction)
+        got = layer_kls([pm, z * 2], reduction=reduction)
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), params, retain_graph=True),
+                                   torch.autograd.grad(ref.sum(), params, retain_graph=True))
+    assert torch.autograd.gradcheck(
+        lambda *p: layer_kls([patch_moments(x, p[0], p[1] if bias else None, **geometry)]), params)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_patch_moments_keep_float32_precision_under_a_large_input_mean(padding):
+    # mean / std = 2000: uncentred float32 second moments would lose every digit of the variance
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 12, 12) * 0.5 + 1000.0
+    w = torch.randn(4, 1, 3, 3)
+    pm = patch_moments(x, w, None, stride=2, padding=padding)
+    w2 = w.view(4, -1)
+    _, var = channel_moments(F.conv2d(x.double(), w.double(), None, 2, padding))
+    torch.testing.assert_close(((w2 @ pm.cov) * w2).sum(1).double(), var, rtol=1e-4, atol=0)
+    if not padding:
+        torch.testing.assert_close(pm.mean.double(), x.double().mean().expand(9), rtol=1e-3, atol=0)
+
+
+def test_patch_moments_bad_inputs():
+    w = torch.randn(4, 1, 3, 3)
+    with pytest.raises(ValueError, match="weight of shape"):
+        patch_moments(torch.randn(2, 2, 8, 8), w)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        patch_moments(torch.ones(2, 1, 8, 8, dtype=torch.int64), w)
+    with pytest.raises(ValueError, match="padding must be"):
+        patch_moments(torch.randn(2, 1, 8, 8), w, padding=(1, 1, 1))
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        patch_moments(torch.randn(2, 1, 2, 2), w)
+    with pytest.raises(TypeError, match="Tensor or a PatchMoments"):
+        layer_kls([torch.randn(4, 2), "z"])

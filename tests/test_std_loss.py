@@ -207,3 +207,67 @@ def test_method_copies_by_default_when_the_model_has_inplace_modules():
     off.model(x)
     with pytest.raises(RuntimeError, match="modified in place"):
         off.aux_loss()
+
+
+def first_conv_net(inplace: bool = False, norm: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)  # K = 1 * 3 * 3 = 9 <= 2 * 8: patch moments by default
+    return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), *([nn.BatchNorm2d(8)] if norm else []),
+                         nn.ReLU(inplace=inplace), nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+@pytest.mark.parametrize("via_method", [False, True])
+def test_first_conv_from_patch_moments_equals_recording_its_output(via_method):
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    results = []
+    for patch in (False, None):
+        model = first_conv_net(norm=via_method)
+        if via_method:
+            std = normlab.apply(model, "std_loss", patch_moments=patch).state["std_loss"]
+        else:
+            std = StandardizationLoss(model, patch_moments=patch)
+        out = model(x)
+        kinds = [type(layer).__name__ for _, layer, _ in std._pending]
+        aux = std()
+        (F.cross_entropy(out, y) + aux).backward()
+        results.append((kinds, aux.item(), std.terms(), [p.grad for p in model.parameters() if p.grad is not None]))
+        std.remove()
+    (k0, v0, t0, g0), (k1, v1, t1, g1) = results
+    assert k0[0] == "Tensor" and k1[0] == "PatchMoments"
+    assert v1 == pytest.approx(v0, rel=1e-5)
+    assert t1 == pytest.approx(t0, rel=1e-5) and len(t1) == (1 if via_method else 2)
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_patch_moments_are_taken_before_an_inplace_relu_can_overwrite_anything():
+    # The first conv's output is never recorded, so an in-place ReLU after it needs no copy.
+    x = torch.randn(16, 1, 8, 8)
+    model = first_conv_net(inplace=True)
+    with StandardizationLoss(model) as std:
+        model(x)
+        std()
+        terms = std.terms()
+    assert terms["0"] == pytest.approx(standardization_kl(first_conv_net()[0](x)).item(), rel=1e-5)
+    with StandardizationLoss(model, patch_moments=False) as std:  # the recorded output is overwritten
+        model(x)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            std()
+
+
+def test_patch_moments_only_where_they_apply():
+    model = first_conv_net()
+    x = torch.randn(4, 1, 8, 8)
+    with StandardizationLoss(model) as std:  # the input needs a gradient: recorded as usual
+        model(x.requires_grad_())
+        assert [type(layer).__name__ for _, layer, _ in std._pending] == ["Tensor", "Tensor"]
+        std()
+        model(x.detach())
+        assert [type(layer).__name__ for _, layer, _ in std._pending] == ["PatchMoments", "Tensor"]
+    wide = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))  # K = 27 > 2 * 4
+    for patch, kinds in ((None, ["Tensor"]), (True, ["PatchMoments"])):
+        with StandardizationLoss(wide, patch_moments=patch) as std:
+            wide(torch.randn(4, 3, 8, 8))
+            assert [type(layer).__name__ for _, layer, _ in std._pending] == kinds
+    with pytest.raises(ValueError, match="patch_moments must be"):
+        StandardizationLoss(model, patch_moments="yes")

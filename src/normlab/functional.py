@@ -9,12 +9,16 @@ with batch mean ``mu_c`` and biased batch variance ``var_c``,
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["channel_moments", "standardization_kl", "layer_kls"]
+__all__ = ["channel_moments", "standardization_kl", "layer_kls", "patch_moments", "PatchMoments"]
 
 _REDUCTIONS = ("sum", "mean", "none")
 
@@ -70,74 +74,218 @@ def _broadcast_shape(z: Tensor, dims: tuple[int, ...] | None) -> list[int]:
     return [1 if d in reduced else size for d, size in enumerate(z.shape)]
 
 
+class PatchMoments(NamedTuple):
+    """Mean and covariance of the input patches of a convolution, with its weight and bias.
+
+    A convolution is linear in its input patches ``x_p``: ``z_p = W x_p + b``. So the moments of
+    every output channel ``c`` follow exactly from the patches' mean ``m`` and biased covariance
+    ``S``: ``mu_c = w_c . m + b_c`` and ``var_c = w_c^T S w_c`` (``w_c``: row ``c`` of the weight as
+    a (C_out, K) matrix, ``K = C_in * prod(kernel_size)``). :func:`layer_kls` accepts it in place of
+    the output ``z``; the gradient then goes to ``weight`` and ``bias`` through K x K matrices and
+    never touches the output. Build it with :func:`patch_moments`.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    mean: Tensor
+    cov: Tensor
+    count: int
+
+
+def _ntuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    out = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(out) != n or not all(isinstance(v, int) and v >= 0 for v in out):
+        raise ValueError(f"{name} must be an int >= 0 or a tuple of {n} of them, got {value!r}")
+    return out
+
+
+def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | Sequence[int] = 1,
+                  padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1) -> PatchMoments:
+    """:class:`PatchMoments` of ``conv(x, weight, bias, stride, padding, dilation)`` (zero padding,
+    one group, 1 to 3 spatial dims), for the standardization loss of a first layer.
+
+    Computes ``m = mean_p x_p`` and ``S = mean_p (x_p - m)(x_p - m)^T`` over the ``N * prod(out)``
+    patches of ``x`` (without gradient: ``x`` is data), from one strided copy of the patches and
+    one K x K matrix product; ``x`` must be float32 or float64. On the paper's MNIST CNN (patches
+    of K = 9 values, 32 output channels) this is much less memory traffic than the statistics and
+    gradient of the (N, 32, 14, 14) output it replaces.
+    """
+    d = x.dim() - 2
+    if d not in (1, 2, 3) or weight.dim() != d + 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"patch_moments needs x of shape (N, C_in, *spatial) with 1-3 spatial dims and a weight "
+                         f"of shape (C_out, C_in, *kernel); got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"patch_moments needs a float32 or float64 x, got {x.dtype}")
+    stride, padding, dilation = (_ntuple(v, d, n) for v, n in ((stride, "stride"), (padding, "padding"),
+                                                              (dilation, "dilation")))
+    kernel = tuple(weight.shape[2:])
+    with torch.no_grad():
+        # Shift every patch entry, the zero padding too, by the input's mean: the covariance is
+        # unchanged and the float32 second moments below lose no precision to a large mean.
+        shift = x.detach().mean()
+        xs = x.detach().transpose(0, 1)  # (C_in, N, *spatial): the patch index (C_in, *kernel) leads
+        xs = F.pad(xs, [p for p in reversed(padding) for _ in (0, 1)]).sub_(shift) if any(padding) else xs - shift
+        out = [(size - dil * (k - 1) - 1) // st + 1
+               for size, k, st, dil in zip(xs.shape[2:], kernel, stride, dilation)]
+        if min(out) < 1:
+            raise ValueError(f"kernel {kernel} (dilation {dilation}) is larger than the padded input "
+                             f"{tuple(xs.shape[2:])}")
+        count = xs.shape[1] * math.prod(out)
+        st = xs.stride()
+        view = xs.as_strided(
+            (xs.shape[0], *kernel, xs.shape[1], *out),
+            (st[0], *(st[2 + i] * dilation[i] for i in range(d)), st[1], *(st[2 + i] * stride[i] for i in range(d))),
+            xs.storage_offset())
+        patches = view.reshape(-1, count)  # (K, N * prod(out)), one strided copy
+        mean = patches.sum(1).div_(count)
+        cov = torch.mm(patches, patches.T).div_(count).sub_(torch.outer(mean, mean))
+        mean += shift
+    return PatchMoments(weight, bias, mean, cov, count)
+
+
+class _Constants(NamedTuple):
+    seg: Tensor  # (L, C): row l sums layer l's channels, weighted 1/C_l for "mean"
+    seg_t: Tensor  # its transpose, contiguous: d loss / d kl_c from the per-layer gradient
+    half_seg: Tensor  # 0.5 * seg
+    offset: Tensor  # (L,): 0.5 * seg.sum(1), so that layer l's value is half_seg @ raw - offset
+    inv_count: Tensor  # (C,): 1 / (elements per statistic) of each channel's layer
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(sizes: tuple[int, ...], counts: tuple[int, ...], mean: bool, device: torch.device,
+               dtype: torch.dtype) -> _Constants:
+    seg = torch.zeros(len(sizes), sum(sizes), dtype=torch.float64)
+    inv_count = torch.empty(sum(sizes), dtype=torch.float64)
+    start = 0
+    for layer, (size, count) in enumerate(zip(sizes, counts)):
+        seg[layer, start:start + size] = 1.0 / size if mean else 1.0
+        inv_count[start:start + size] = 1.0 / count
+        start += size
+    out = (seg, seg.T.contiguous(), 0.5 * seg, 0.5 * seg.sum(1), inv_count)
+    return _Constants(*(t.to(device=device, dtype=dtype) for t in out))
+
+
 class _KL(torch.autograd.Function):
-    """Per-layer standardization KL of several tensors at once, with an analytic backward.
+    """Per-layer standardization KL of several layers at once, with an analytic backward.
 
-    With ``r_c = 1 / (var_c + eps)`` and ``n`` elements per statistic,
-    ``d kl_c / d z = ((1 - r_c) * z + mu_c * r_c) / n``: the whole backward of a layer is one
-    fused ``a_c + b_c * z`` over ``z`` (``a``, ``b`` prepared in the forward pass), with no autograd
-    graph through the moments. The small per-channel maths of all layers is done once on their
-    concatenated statistics: on a small network those tiny ops, not the big tensors, dominate.
+    Each layer is a pre-activation ``z`` or the :class:`PatchMoments` of a convolution. With
+    ``r_c = 1 / (var_c + eps)``, ``d kl_c / d mu_c = mu_c`` and ``d kl_c / d var_c = (1 - r_c) / 2``,
+    so for ``z`` with ``n`` elements per statistic ``d kl_c / d z = ((1 - r_c) * z + mu_c * r_c) / n``:
+    the whole backward of a layer is one fused ``a_c + b_c * z`` over ``z``, with no autograd graph
+    through the moments. For patch moments it is ``d/dw_c = mu_c m + (1 - r_c) S w_c`` and
+    ``d/db_c = mu_c``. The small per-channel maths of all layers is done once on their concatenated
+    statistics: on a small network those tiny ops, not the big tensors, dominate, so this code
+    counts them.
 
-    Returns the per-layer reduced values (``"sum"``/``"mean"``, shape (L,)) or the concatenated
-    per-statistic values (``"none"``).
+    ``layout`` holds, per layer, None for a tensor ``z`` (one input) or the patch count for patch
+    moments (four inputs: weight, bias, mean, cov). Returns the per-layer reduced values
+    (``"sum"``/``"mean"``, shape (L,)) or the concatenated per-statistic values (``"none"``).
     """
 
     @staticmethod
-    def forward(ctx, eps: float, dims: tuple[int, ...] | None, reduction: str, *zs: Tensor) -> Tensor:  # type: ignore[override]
-        moments = [channel_moments(z, dims) for z in zs]
-        sizes = [m.numel() for m, _ in moments]
-        if len(zs) == 1:
-            mean, var = moments[0][0].reshape(-1), moments[0][1].reshape(-1)
-        else:
-            mean = torch.cat([m.reshape(-1) for m, _ in moments])
-            var = torch.cat([v.reshape(-1) for _, v in moments])
+    def forward(ctx, eps: float, dims: tuple[int, ...] | None, reduction: str,  # type: ignore[override]
+                layout: tuple[int | None, ...], *inputs: Tensor | None) -> Tensor:
+        means, variances, counts, saved, params, i = [], [], [], [], [], 0
+        for count in layout:
+            if count is None:
+                z = inputs[i]
+                mean, var = channel_moments(z, dims)
+                if dims is not None:
+                    mean, var = mean.reshape(-1), var.reshape(-1)
+                counts.append(z.numel() // mean.numel())
+                saved.append(z)
+                i += 1
+            else:
+                weight, bias, m, cov = inputs[i:i + 4]
+                w = weight.reshape(weight.shape[0], -1)
+                if w.dtype != cov.dtype:
+                    w = w.to(cov.dtype)
+                mean = torch.mv(w, m) if bias is None else torch.addmv(bias.to(cov.dtype), w, m)
+                wcov = torch.mm(w, cov)
+                var = (wcov * w).sum(1).clamp_(min=0.0)
+                counts.append(count)
+                saved += [wcov, m]
+                params.append((weight.shape, weight.dtype, None if bias is None else bias.dtype))
+                i += 4
+            means.append(mean)
+            variances.append(var)
+        sizes = tuple(m.numel() for m in means)
+        mean = torch.cat(means) if len(means) > 1 else means[0]
+        var = torch.cat(variances) if len(variances) > 1 else variances[0]
         veps = var + eps
-        kl = (torch.addcmul(var, mean, mean) - torch.log(veps)).sub_(1.0).mul_(0.5)
-        per_layer = [1.0 / (z.numel() // c) / (c if reduction == "mean" else 1) for z, c in zip(zs, sizes)]
-        if len(zs) == 1:
-            scale: Tensor | float = per_layer[0]
-        else:
-            scale = torch.repeat_interleave(torch.tensor(per_layer, dtype=var.dtype), torch.tensor(sizes))
-        r = veps.reciprocal_()
-        b = torch.rsub(r, 1.0).mul_(scale)
-        a = (mean * r).mul_(scale)
-        ctx.save_for_backward(a, b, *zs)
-        ctx.sizes, ctx.dims, ctx.vector = sizes, dims, reduction == "none"
+        raw = torch.addcmul(var, mean, mean).sub_(torch.log(veps))  # 2 * kl + 1
+        consts = _constants(sizes, tuple(counts), reduction == "mean", mean.device, mean.dtype)
+        ctx.save_for_backward(mean, veps, *saved)
+        ctx.layout, ctx.sizes, ctx.dims, ctx.none = layout, sizes, dims, reduction == "none"
+        ctx.consts, ctx.params = consts, params
         if reduction == "none":
-            return kl
-        sums = kl.sum().view(1) if len(zs) == 1 else torch.stack([part.sum() for part in kl.split(sizes)])
-        if reduction == "mean":
-            sums = sums / torch.tensor(sizes, dtype=sums.dtype)
-        return sums
+            return raw.sub_(1.0).mul_(0.5)
+        return torch.addmv(consts.offset, consts.half_seg, raw, beta=-1.0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        a, b, *zs = ctx.saved_tensors
-        if not ctx.vector:
-            grad = grad if len(zs) == 1 else torch.repeat_interleave(grad, torch.tensor(ctx.sizes))
-        a, b = a * grad, b * grad
-        grads = []
-        for z, a_l, b_l in zip(zs, a.split(ctx.sizes), b.split(ctx.sizes)):
-            shape = _broadcast_shape(z, ctx.dims)
-            a_l, b_l = a_l.view(shape), b_l.view(shape)
-            g = torch.addcmul(a_l, b_l, z) if z.dtype == a_l.dtype else torch.addcmul(a_l, b_l, z.to(a_l.dtype)).to(z.dtype)
-            grads.append(g)
-        return (None, None, None, *grads)
+        mean, veps, *saved = ctx.saved_tensors
+        consts = ctx.consts
+        c = grad if ctx.none else torch.mv(consts.seg_t, grad)  # d loss / d kl_c
+        r = veps.reciprocal()
+        dmean = mean * c  # d loss / d mu_c
+        dvar2 = torch.rsub(r, 1.0).mul_(c)  # 2 * d loss / d var_c
+        a = r.mul_(dmean).mul_(consts.inv_count)
+        b = dvar2 * consts.inv_count
+        grads: list[Tensor | None] = []
+        start, s, w = 0, 0, 0
+        for count, size in zip(ctx.layout, ctx.sizes):
+            end = start + size
+            if count is None:
+                z = saved[s]
+                shape = _broadcast_shape(z, ctx.dims)
+                a_l, b_l = a[start:end].view(shape), b[start:end].view(shape)
+                g = torch.addcmul(a_l, b_l, z) if z.dtype == a_l.dtype else torch.addcmul(a_l, b_l, z.to(a_l.dtype)).to(z.dtype)
+                grads.append(g)
+                s += 1
+            else:
+                wcov, m = saved[s], saved[s + 1]
+                shape, dtype, bias_dtype = ctx.params[w]
+                dmean_l = dmean[start:end]
+                dw = torch.addcmul(torch.outer(dmean_l, m), dvar2[start:end, None], wcov).view(shape)
+                grads += [dw if dw.dtype == dtype else dw.to(dtype),
+                          None if bias_dtype is None else dmean_l.to(bias_dtype), None, None]
+                s += 2
+                w += 1
+            start = end
+        return (None, None, None, None, *grads)
 
 
-def layer_kls(zs: Sequence[Tensor], eps: float = 1e-5, reduction: str = "sum") -> Tensor:
-    """``standardization_kl`` of each tensor of ``zs`` (channel = dim 1), as one vector of shape (L,).
+def _flatten(layers: Sequence[Tensor | PatchMoments]) -> tuple[tuple[int | None, ...], list[Tensor | None]]:
+    layout: list[int | None] = []
+    inputs: list[Tensor | None] = []
+    for layer in layers:
+        if isinstance(layer, PatchMoments):
+            layout.append(layer.count)
+            inputs += [layer.weight, layer.bias, layer.mean, layer.cov]
+        elif isinstance(layer, Tensor):
+            layout.append(None)
+            inputs.append(layer)
+        else:
+            raise TypeError(f"each layer must be a Tensor or a PatchMoments, got {type(layer).__name__}")
+    return tuple(layout), inputs
 
-    Equal to ``torch.stack([standardization_kl(z, eps=eps, reduction=reduction) for z in zs])``
-    (``reduction`` is "sum" or "mean" per tensor) but computed in one autograd node, which is what
+
+def layer_kls(zs: Sequence[Tensor | PatchMoments], eps: float = 1e-5, reduction: str = "sum") -> Tensor:
+    """``standardization_kl`` of each layer of ``zs`` (channel = dim 1), as one vector of shape (L,).
+
+    Each item is a pre-activation tensor ``z`` or the :class:`PatchMoments` of a convolution whose
+    input needs no gradient (see :func:`patch_moments`), which stand for its output exactly. Equal to
+    ``torch.stack([standardization_kl(z, eps=eps, reduction=reduction) for z in zs])``
+    (``reduction`` is "sum" or "mean" per layer) but computed in one autograd node, which is what
     :class:`normlab.StandardizationLoss` uses at every training step.
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean' per layer, got {reduction!r}")
     if not zs:
         raise ValueError("zs is empty: nothing to compute the loss of")
-    return _KL.apply(float(eps), None, reduction, *zs)
+    layout, inputs = _flatten(zs)
+    return _KL.apply(float(eps), None, reduction, layout, *inputs)
 
 
 def standardization_kl(
@@ -173,7 +321,7 @@ def standardization_kl(
     if not eps > 0:
         raise ValueError(f"eps must be > 0 (it keeps log(var + eps) finite for constant channels), got {eps}")
     dims = None if dim is None else _reduced_dims(z, dim)
-    out = _KL.apply(float(eps), dims, reduction, z)
+    out = _KL.apply(float(eps), dims, reduction, (None,), z)
     if reduction == "none":
         reduced = (0, *range(2, z.dim())) if dims is None else dims
         return out.view([size for d, size in enumerate(z.shape) if d not in reduced])

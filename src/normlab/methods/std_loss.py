@@ -10,13 +10,15 @@ with ``mu_c`` and the biased ``var_c`` taken over the batch (and spatial) dims o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from ..functional import layer_kls
-from ._common import LAYERS, resolve_modules
+from ..functional import PatchMoments, layer_kls, patch_moments
+from ._common import CONVS, LAYERS, resolve_modules
 from .registry import Handle, register, register_norm_type, swap_norms
 
 __all__ = ["StandardizationLoss", "ChannelAffine"]
@@ -29,6 +31,31 @@ def default_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if linears:
         del found[linears[-1]]
     return found
+
+
+def _patch_conv(module: nn.Module, patch: bool | None) -> bool:
+    """Whether the standardization loss may take ``module``'s output moments from its input patches
+    (:func:`normlab.functional.patch_moments`): a plain zero-padded, one-group ``Conv*d`` with a
+    parameter weight; with ``patch=None`` only where the patches are short (``K <= 2 * C_out``,
+    ``K = C_in * prod(kernel_size)``), so that their K x K covariance costs less than the output's
+    statistics and gradient."""
+    if patch is False or type(module) not in CONVS or module.groups != 1 or module.padding_mode != "zeros":
+        return False
+    if isinstance(module.padding, str) and module.padding != "valid":
+        return False
+    if parametrize.is_parametrized(module) or not isinstance(module.weight, nn.Parameter):
+        return False
+    return patch is True or module.in_channels * math.prod(module.kernel_size) <= 2 * module.out_channels
+
+
+def _patch_moments(module: nn.Module, x: Tensor) -> PatchMoments | None:
+    # The patch moments of a conv's output from its input x, when x is data (needs no gradient) and
+    # the conv runs in x's own float32/64 precision (not under autocast); None otherwise.
+    if not isinstance(x, Tensor) or x.requires_grad or x.dtype != module.weight.dtype \
+            or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+        return None
+    padding = 0 if isinstance(module.padding, str) else module.padding
+    return patch_moments(x, module.weight, module.bias, module.stride, padding, module.dilation)
 
 
 class StandardizationLoss:
@@ -51,6 +78,12 @@ class StandardizationLoss:
     ``copy=True`` to hand the rest of the model a copy of each probed output instead (one extra
     copy of each probed tensor per step).
 
+    A first convolution (its input is data and needs no gradient) is not recorded at all: its
+    output's moments follow exactly from the mean and covariance of its input patches (see
+    :func:`normlab.functional.patch_moments`), and the loss's gradient goes straight to its weight
+    and bias. On the paper's MNIST CNN this skips every pass over the largest activation, the
+    first layer's (N, 32, 14, 14) output. ``patch_moments`` turns this off or forces it.
+
     Args:
         model: any ``nn.Module``; it is not modified.
         weight: multiplier of the summed KL terms (the paper: 1.0 on MNIST, 1e-6 on ResNet-50).
@@ -61,6 +94,10 @@ class StandardizationLoss:
         record: ``"output"`` (default) or ``"input"`` of each module.
         copy: replace each probed module's output by a copy in training mode, so that in-place
             operations after it cannot touch the recorded tensor.
+        patch_moments: for a convolution whose input needs no gradient, take its moments from the
+            input patches: None (default) where the patches are short (``C_in * prod(kernel_size)
+            <= 2 * C_out``), True wherever possible (zero padding, one group), False never. The
+            loss and its gradients are the same either way, up to float rounding.
 
     Example::
 
@@ -78,6 +115,7 @@ class StandardizationLoss:
         reduction: str = "sum",
         record: str = "output",
         copy: bool = False,
+        patch_moments: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -94,10 +132,23 @@ class StandardizationLoss:
         self.reduction = reduction
         self.record = record
         self.copy = bool(copy)
+        if patch_moments not in (None, True, False):
+            raise ValueError(f"patch_moments must be None, True or False, got {patch_moments!r}")
+        self.patch_moments = patch_moments
         self.modules = self._resolve(model, modules)
-        self._pending: list[tuple[str, Tensor, int]] = []
+        self._pending: list[tuple[str, Tensor | PatchMoments, int]] = []
+        self._early: dict[int, PatchMoments] = {}  # first convs' patch moments, by id(module)
+        self._produced: dict[int, tuple[PatchMoments, Tensor]] = {}  # the same, by id(output)
         self._last: tuple[tuple[str, ...], Tensor] = ((), torch.zeros(0))
         self._hooks = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
+        # Patch moments are taken before the conv runs, while its input is still in cache. With
+        # record="input" a probe's input may be any first conv's output: remember those by id.
+        firsts = [m for _, m in self.modules] if record == "output" else list(model.modules())
+        for m in firsts:
+            if _patch_conv(m, patch_moments):
+                self._hooks.append(m.register_forward_pre_hook(self._pre))
+                if record == "input":
+                    self._hooks.append(m.register_forward_hook(self._produce))
 
     @staticmethod
     def _resolve(model: nn.Module, modules: Iterable[nn.Module | str] | None) -> list[tuple[str, nn.Module]]:
@@ -112,12 +163,32 @@ class StandardizationLoss:
             raise ValueError("modules is empty: nothing to probe")
         return out
 
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        if module.training and torch.is_grad_enabled() and args:
+            moments = _patch_moments(module, args[0])
+            if moments is not None:
+                self._early[id(module)] = moments
+
+    def _produce(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        moments = self._early.pop(id(module), None)
+        if moments is not None:
+            self._produced[id(output)] = (moments, output)
+
     def _hook(self, name: str):
         use_input = self.record == "input"
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             if module.training and torch.is_grad_enabled():
                 z = args[0] if use_input else output
+                if use_input:
+                    moments, out = self._produced.pop(id(z), (None, None)) if self._produced else (None, None)
+                    if out is not z:
+                        moments = None
+                else:
+                    moments = self._early.pop(id(module), None) if self._early else None
+                if moments is not None:
+                    self._pending.append((name, moments, -1))
+                    return None
                 self._pending.append((name, z, z._version))
                 if self.copy:
                     return output.clone()
@@ -129,13 +200,16 @@ class StandardizationLoss:
         """``weight * sum`` of the KL terms recorded since the last call (a 0 tensor if none).
 
         The moments are taken here, all layers in one autograd node (see
-        :func:`normlab.functional.layer_kls`); the hooks only keep a reference to each tensor.
+        :func:`normlab.functional.layer_kls`); the hooks only keep a reference to each tensor
+        (or the patch moments of a first convolution).
         """
         pending, self._pending = self._pending, []
+        self._early.clear()
+        self._produced.clear()
         if not pending:
             return torch.zeros(())
         for name, z, version in pending:
-            if z._version != version:
+            if version >= 0 and z._version != version:
                 raise RuntimeError(
                     f"the {self.record} of module '{name}' was modified in place after the standardization "
                     "loss recorded it (e.g. by nn.ReLU(inplace=True) or `out += identity`), so its "
@@ -160,6 +234,8 @@ class StandardizationLoss:
             h.remove()
         self._hooks = []
         self._pending = []
+        self._early.clear()
+        self._produced.clear()
 
     def __enter__(self) -> StandardizationLoss:
         return self
@@ -209,14 +285,15 @@ class _Probe(nn.Identity):
           "added to the task loss in training, nothing at test time", kind="norm")
 def _apply(handle: Handle, weight: float = 1.0, eps: float = 1e-5, reduction: str = "sum",
            affine: bool = False, modules: Sequence[nn.Module | str] | None = None,
-           copy: bool | None = None) -> None:
+           copy: bool | None = None, patch_moments: bool | None = None) -> None:
     """Replace each normalization layer by a probe (identity, or a per-channel affine with
     ``affine=True``) and add the loss on the probes' inputs; a model without normalization layers
     is probed at every Conv/Linear output but the head (or at ``modules``).
 
     ``copy`` (see :class:`StandardizationLoss`): by default on when ``affine`` is off and the model
     has a module with ``inplace=True`` (e.g. ``nn.ReLU(inplace=True)``, as in torchvision's
-    ResNets), which would otherwise overwrite the pre-activations that batch norm used to copy."""
+    ResNets), which would otherwise overwrite the pre-activations that batch norm used to copy.
+    ``patch_moments``: see :class:`StandardizationLoss`."""
     model = handle.model
     if copy is None:
         copy = not affine and any(getattr(m, "inplace", False) is True for m in model.modules())
@@ -228,14 +305,15 @@ def _apply(handle: Handle, weight: float = 1.0, eps: float = 1e-5, reduction: st
         handle.swapped.extend(swapped)
         if swapped:
             modules = swapped
-            loss = StandardizationLoss(model, weight, modules, eps, reduction, record="input", copy=copy)
+            loss = StandardizationLoss(model, weight, modules, eps, reduction, record="input", copy=copy,
+                                       patch_moments=patch_moments)
         elif affine:
             raise ValueError("std_loss: affine=True puts a scale and shift where the normalization "
                              "layers were, but the model has none; build it with norm='bn' placeholders")
         else:
-            loss = StandardizationLoss(model, weight, None, eps, reduction, copy=copy)
+            loss = StandardizationLoss(model, weight, None, eps, reduction, copy=copy, patch_moments=patch_moments)
     else:
-        loss = StandardizationLoss(model, weight, modules, eps, reduction, copy=copy)
+        loss = StandardizationLoss(model, weight, modules, eps, reduction, copy=copy, patch_moments=patch_moments)
     handle.losses.append(loss)
     handle.removers.append(loss.remove)
     handle.state["std_loss"] = loss
