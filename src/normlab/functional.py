@@ -144,8 +144,8 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
 
 
 class _Constants(NamedTuple):
-    seg: Tensor  # (L, C): row l sums layer l's channels, weighted 1/C_l for "mean"
-    seg_t: Tensor  # its transpose, contiguous: d loss / d kl_c from the per-layer gradient
+    # seg (L, C): row l sums layer l's channels, weighted 1/C_l for "mean"
+    seg_t: Tensor  # seg.T, contiguous: d loss / d kl_c from the per-layer gradient
     half_seg: Tensor  # 0.5 * seg
     offset: Tensor  # (L,): 0.5 * seg.sum(1), so that layer l's value is half_seg @ raw - offset
     inv_count: Tensor  # (C,): 1 / (elements per statistic) of each channel's layer
@@ -161,7 +161,7 @@ def _constants(sizes: tuple[int, ...], counts: tuple[int, ...], mean: bool, devi
         seg[layer, start:start + size] = 1.0 / size if mean else 1.0
         inv_count[start:start + size] = 1.0 / count
         start += size
-    out = (seg, seg.T.contiguous(), 0.5 * seg, 0.5 * seg.sum(1), inv_count)
+    out = (seg.T.contiguous(), 0.5 * seg, 0.5 * seg.sum(1), inv_count)
     return _Constants(*(t.to(device=device, dtype=dtype) for t in out))
 
 

@@ -137,18 +137,13 @@ class StandardizationLoss:
         self.patch_moments = patch_moments
         self.modules = self._resolve(model, modules)
         self._pending: list[tuple[str, Tensor | PatchMoments, int]] = []
-        self._early: dict[int, PatchMoments] = {}  # first convs' patch moments, by id(module)
-        self._produced: dict[int, tuple[PatchMoments, Tensor]] = {}  # the same, by id(output)
+        self._produced: dict[int, tuple[PatchMoments, Tensor]] = {}  # first convs' patch moments, by id(output)
         self._last: tuple[tuple[str, ...], Tensor] = ((), torch.zeros(0))
-        self._hooks = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
-        # Patch moments are taken before the conv runs, while its input is still in cache. With
-        # record="input" a probe's input may be any first conv's output: remember those by id.
+        # A probe's tensor may be the output of a first conv (its own output with record="output",
+        # any conv's with record="input"): those hooks run first and leave the patch moments here.
         firsts = [m for _, m in self.modules] if record == "output" else list(model.modules())
-        for m in firsts:
-            if _patch_conv(m, patch_moments):
-                self._hooks.append(m.register_forward_pre_hook(self._pre))
-                if record == "input":
-                    self._hooks.append(m.register_forward_hook(self._produce))
+        self._hooks = [m.register_forward_hook(self._produce) for m in firsts if _patch_conv(m, patch_moments)]
+        self._hooks += [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
 
     @staticmethod
     def _resolve(model: nn.Module, modules: Iterable[nn.Module | str] | None) -> list[tuple[str, nn.Module]]:
@@ -163,16 +158,11 @@ class StandardizationLoss:
             raise ValueError("modules is empty: nothing to probe")
         return out
 
-    def _pre(self, module: nn.Module, args: tuple) -> None:
+    def _produce(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if module.training and torch.is_grad_enabled() and args:
             moments = _patch_moments(module, args[0])
             if moments is not None:
-                self._early[id(module)] = moments
-
-    def _produce(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        moments = self._early.pop(id(module), None)
-        if moments is not None:
-            self._produced[id(output)] = (moments, output)
+                self._produced[id(output)] = (moments, output)
 
     def _hook(self, name: str):
         use_input = self.record == "input"
@@ -180,12 +170,9 @@ class StandardizationLoss:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             if module.training and torch.is_grad_enabled():
                 z = args[0] if use_input else output
-                if use_input:
-                    moments, out = self._produced.pop(id(z), (None, None)) if self._produced else (None, None)
-                    if out is not z:
-                        moments = None
-                else:
-                    moments = self._early.pop(id(module), None) if self._early else None
+                moments, out = self._produced.pop(id(z), (None, None)) if self._produced else (None, None)
+                if out is not z:
+                    moments = None
                 if moments is not None:
                     self._pending.append((name, moments, -1))
                     return None
@@ -204,7 +191,6 @@ class StandardizationLoss:
         (or the patch moments of a first convolution).
         """
         pending, self._pending = self._pending, []
-        self._early.clear()
         self._produced.clear()
         if not pending:
             return torch.zeros(())
@@ -234,7 +220,6 @@ class StandardizationLoss:
             h.remove()
         self._hooks = []
         self._pending = []
-        self._early.clear()
         self._produced.clear()
 
     def __enter__(self) -> StandardizationLoss:
