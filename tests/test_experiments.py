@@ -59,6 +59,10 @@ def test_mnist_cnn_defaults_are_the_papers_budget():
     ({"methods": ["none"], "grid": {"lr": []}}, "non-empty list"),
     ({"methods": ["none"], "grid": {"colour": [1]}}, "not a run field"),
     ({"methods": ["none"], "run": {"optimizer": "lbfgs"}}, "optimizer must be one of"),
+    ({"methods": ["std_loss"], "options": {"std_loss": {"weight": float("nan")}}},
+     "std_loss: weight must be a finite number >= 0, got nan"),
+    ({"methods": ["none", "std_loss"], "grid": {"std_loss.weight": [1.0, -1.0]}},
+     "std_loss std_loss.weight=-1: weight must be a finite number >= 0, got -1.0"),
 ])
 def test_validation_errors_name_the_key(raw, match):
     with pytest.raises(SpecError, match=match):
@@ -87,6 +91,34 @@ def test_override_quick_and_cli_options():
     assert len(exp.seeds) == 2 and exp.run["steps"] == 200
     exp = override(load("mnist-cnn"), seeds=3, steps=50, weight=0.5, methods=["none", "std_loss"])
     assert len(exp.runs()) == 6 and exp.options["std_loss"]["weight"] == 0.5
+
+
+def test_bad_option_value_stops_before_any_run():
+    with pytest.raises(SpecError, match="mnist-cnn: std_loss: weight must be a finite number"):
+        override(load("mnist-cnn"), weight=float("nan"))
+
+
+def test_cli_exits_nonzero_when_runs_fail_and_a_rerun_retries_them(tmp_path, monkeypatch, capsys):
+    from normlab import engine
+
+    real = engine.train
+
+    def flaky(cfg, *args, **kwargs):
+        if cfg.method == "std_loss" and cfg.seed == 1:
+            raise RuntimeError("boom")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train", flaky)
+    spec, out = _write_tiny(tmp_path, steps=20, every=10), tmp_path / "out"
+    argv = ["run", str(spec), "--out", str(out), "--workers", "0", "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: boom" in err and "1 of 4 runs failed" in err
+    assert (out / "report.md").exists()
+    monkeypatch.setattr(engine, "train", real)
+    assert cli.main(argv) == 0
+    with Store(out) as store:
+        assert len(store.done_ids()) == 4
 
 
 def _write_tiny(tmp_path, steps=40, every=10):

@@ -44,9 +44,14 @@ def _run(args: argparse.Namespace, target: str) -> int:
     print(f"{exp.name}: {exp.description}\n{n} runs ({len(exp.methods)} methods x {len(exp.seeds)} seeds"
           f"{' x grid' if exp.grid else ''}) -> {out}", file=sys.stderr)
     start = time.perf_counter()
-    run_experiment(exp, out, workers=args.workers, progress=not args.no_progress)
+    with run_experiment(exp, out, workers=args.workers, progress=not args.no_progress) as store:
+        missing = len({r.id for r in exp.runs()} - store.done_ids())
     print(f"finished in {time.perf_counter() - start:.1f} s wall time", file=sys.stderr)
     build_report(out)
+    if missing:
+        print(f"normlab: {missing} of {n} runs failed (errors above) and are not in the report; run the same "
+              "command again to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -127,8 +127,17 @@ def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
 
 
 def validate(raw: dict, name: str = "experiment") -> Experiment:
-    """Check a parsed experiment table and build the :class:`Experiment`; raises :class:`SpecError`."""
-    from ..methods.registry import get_method, parse_spec, _route
+    """Check a parsed experiment table and build the :class:`Experiment`; raises :class:`SpecError`.
+
+    Besides the keys and run fields, every distinct model and method configuration is built once
+    (on a throw-away model, leaving the global RNG as it was), so that a bad option value, such as
+    a NaN std-loss weight, stops the experiment before its first run rather than failing every
+    run of its group after the others have trained.
+    """
+    import torch
+
+    from .. import models
+    from ..methods.registry import apply, get_method, parse_spec
 
     _expect(isinstance(raw, dict), f"{name}: the file must be a TOML table")
     _check_keys(name, raw, TOP_KEYS)
@@ -184,11 +193,20 @@ def validate(raw: dict, name: str = "experiment") -> Experiment:
                      reference=str(raw.get("reference", "")))
     try:
         runs = exp.runs()
-        for r in runs:
-            parts = parse_spec(r.config.method)
-            _route(parts, r.config.method_options)
     except (TypeError, ValueError) as e:
         raise SpecError(f"{name}: {e}") from None
+    built: set[str] = set()
+    for r in runs:
+        c = r.config
+        key = json.dumps([c.model, c.model_options, c.method, c.method_options], sort_keys=True, default=repr)
+        if key in built:
+            continue
+        built.add(key)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                apply(models.build(c.model, norm="bn", **c.model_options), c.method, **c.method_options).remove()
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"{name}: {r.group}: {e}") from None
     return exp
 
 

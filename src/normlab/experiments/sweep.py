@@ -109,11 +109,11 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
         run = by_id[run_id]
         if error is not None:
             failures.append((run, error))
-            bar.write(f"run {run.group} seed {run.config.seed} failed:\n{error}")
+            bar.write(f"run {run.group} seed {run.config.seed} failed:\n{error}", file=sys.stderr)
             return
         store.add(run_id, exp.name, run.group, result)
         if result["diverged_at"] is not None:
-            bar.write(f"run {run.group} seed {run.config.seed} diverged at step {result['diverged_at']}")
+            bar.write(f"run {run.group} seed {run.config.seed} diverged at step {result['diverged_at']}", file=sys.stderr)
 
     if n_workers == 0:
         q: mp.Queue = queue.Queue()  # type: ignore[assignment]
@@ -138,7 +138,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
                 finish(*fut.result())
         _drain(q, bar)
     except KeyboardInterrupt:
-        bar.write(f"interrupted: finished runs are in {store.path}; run the same command again to resume")
+        bar.write(f"interrupted: finished runs are in {store.path}; run the same command again to resume", file=sys.stderr)
         pool.shutdown(wait=False, cancel_futures=True)
         for p in list(getattr(pool, "_processes", {}).values()):
             p.kill()
