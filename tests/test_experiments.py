@@ -98,6 +98,15 @@ def test_bad_option_value_stops_before_any_run():
         override(load("mnist-cnn"), weight=float("nan"))
 
 
+def test_bad_worker_count(tmp_path, capsys):
+    exp = validate({"methods": ["none"], "seeds": 1, "run": {"model": "mlp", "steps": 2}}, "w")
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
+        run_experiment(exp, tmp_path, workers=-1, progress=False)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["reproduce", "mnist-cnn", "--workers", "-1"])
+    assert e.value.code == 2 and "argument --workers: must be >= 0" in capsys.readouterr().err
+
+
 def test_cli_exits_nonzero_when_runs_fail_and_a_rerun_retries_them(tmp_path, monkeypatch, capsys):
     from normlab import engine
 

@@ -18,6 +18,13 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 runs everything in this process), got {value}")
+    return value
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: runs/<experiment name>)")
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
@@ -28,7 +35,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, help="evaluate the full test set every N steps")
     p.add_argument("--methods", help="comma-separated method specs, e.g. none,bn,std_loss,ws+gn")
     p.add_argument("--quick", action="store_true", help="the experiment's small budget (a smoke test)")
-    p.add_argument("--workers", type=int, help="worker processes (default: one per core, 1 thread each)")
+    p.add_argument("--workers", type=_count,
+                   help="worker processes (default: one per core, 1 thread each; 0: in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

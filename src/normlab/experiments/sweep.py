@@ -83,6 +83,8 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
     process (debugging). Progress (steps done over all runs, ETA) goes to stderr. A run that raises
     is reported and left out of the store (a later start retries it); the sweep goes on.
     """
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise ValueError(f"workers must be an int >= 0 (0 runs everything in this process), got {workers!r}")
     out = Path(out)
     store = Store(out)
     store.set_meta("experiment", exp.to_dict())
