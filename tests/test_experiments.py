@@ -107,6 +107,16 @@ def test_bad_worker_count(tmp_path, capsys):
     assert e.value.code == 2 and "argument --workers: must be >= 0" in capsys.readouterr().err
 
 
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    spec, taken = _write_tiny(tmp_path, steps=2, every=1), tmp_path / "taken"
+    taken.write_text("not a folder")
+    for out, says in ((taken, "is a file, not a folder"), (taken / "sub", "cannot be created")):
+        assert cli.main(["run", str(spec), "--out", str(out), "--workers", "0", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} {says}" in err and "Traceback" not in err
+    assert taken.read_text() == "not a folder"
+
+
 def test_cli_exits_nonzero_when_runs_fail_and_a_rerun_retries_them(tmp_path, monkeypatch, capsys):
     from normlab import engine
 

@@ -25,6 +25,10 @@ def _count(text: str) -> int:
     return value
 
 
+class _UsageError(Exception):
+    """A bad command-line value, reported in one line with exit status 2."""
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: runs/<experiment name>)")
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
@@ -48,6 +52,11 @@ def _run(args: argparse.Namespace, target: str) -> int:
     exp = override(exp, seeds=args.seeds, methods=methods, quick=args.quick, steps=args.steps, lr=args.lr,
                    batch_size=args.batch_size, weight=args.weight, eval_every=args.eval_every)
     out = args.out or Path("runs") / (exp.name + ("-quick" if args.quick else ""))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        what = "is a file, not a folder" if out.exists() else f"cannot be created ({e.strerror})"
+        raise _UsageError(f"--out {out} {what}: pass a folder for the results (it is created if missing)") from None
     n = len(exp.runs())
     print(f"{exp.name}: {exp.description}\n{n} runs ({len(exp.methods)} methods x {len(exp.seeds)} seeds"
           f"{' x grid' if exp.grid else ''}) -> {out}", file=sys.stderr)
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, desc in methods().items():
                 print(f"{name:10s} {desc}")
             return 0
-    except (SpecError, FileNotFoundError) as e:
+    except (SpecError, FileNotFoundError, _UsageError) as e:
         print(f"normlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
