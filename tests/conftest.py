@@ -11,6 +11,12 @@ def _one_thread_and_seed():
 
 
 @pytest.fixture(autouse=True)
+def _no_user_data_folder(monkeypatch):
+    # The data tests set where files are looked up themselves; a NORMLAB_DATA of the user's must not leak in.
+    monkeypatch.delenv("NORMLAB_DATA", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     # Tests never touch the network: any download attempt fails loudly.
     import urllib.request

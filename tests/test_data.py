@@ -59,24 +59,29 @@ def test_no_local_copy_and_download_disabled_is_clear(tmp_path, monkeypatch):
         data.load("fashion-mnist", download=False)
 
 
+def _fake_network(monkeypatch, calls, raw=False):
+    # A stand-in for the network: "downloading" serves the bundled files (decompressed with raw=True);
+    # a bad:// mirror serves garbage.
+    import io
+    import urllib.request
+
+    def fake_urlopen(url, timeout=None):
+        calls.append(url)
+        if url.startswith("bad://"):
+            return io.BytesIO(gzip.compress(b"garbage"))
+        payload = (BUNDLED / url.removeprefix("file://")).read_bytes()
+        return io.BytesIO(gzip.decompress(payload) if raw else payload)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(data, "_BUNDLED", Path("/nonexistent-normlab-bundle"))
+    monkeypatch.setattr(data, "_MEMO", {})
+
+
 def test_download_goes_to_cache_and_is_verified(tmp_path, monkeypatch):
-    # A stand-in for the network: "downloading" copies the bundled files; a bad mirror is skipped.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setitem(data.MIRRORS, "mnist", ("bad://", "file://"))
     calls = []
-
-    def fake_retrieve(url, dest):
-        calls.append(url)
-        if url.startswith("bad://"):
-            Path(dest).write_bytes(gzip.compress(b"garbage"))
-            return
-        shutil.copy(BUNDLED / url.removeprefix("file://"), dest)
-
-    import urllib.request
-
-    monkeypatch.setattr(urllib.request, "urlretrieve", fake_retrieve)
-    monkeypatch.setattr(data, "_BUNDLED", tmp_path / "nowhere")
-    monkeypatch.setattr(data, "_MEMO", {})
+    _fake_network(monkeypatch, calls)
     ds = data.load("mnist", progress=False)
     assert ds.source.startswith("downloaded")
     assert len(list((tmp_path / "normlab" / "mnist").glob("*.gz"))) == 4
@@ -84,3 +89,36 @@ def test_download_goes_to_cache_and_is_verified(tmp_path, monkeypatch):
     assert any(u.startswith("bad://") for u in calls)
     data._MEMO.clear()
     assert data.load("mnist", progress=False).source.startswith("cache")
+
+
+def test_a_mirror_serving_uncompressed_files_is_cached_under_the_right_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(data.MIRRORS, "mnist", ("file://",))
+    _fake_network(monkeypatch, [], raw=True)
+    assert data.fetch("mnist", progress=False).startswith("downloaded")
+    assert sorted(p.name for p in (tmp_path / "normlab" / "mnist").iterdir()) == sorted(data.FILES)
+    data._MEMO.clear()
+    assert data.load("mnist", progress=False).source.startswith("cache")
+
+
+def test_all_mirrors_failing_is_a_data_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(data.MIRRORS, "mnist", ("bad://",))
+    _fake_network(monkeypatch, [])
+    with pytest.raises(data.DataError, match="could not download train-images-idx3-ubyte for mnist"):
+        data.fetch("mnist", progress=False)
+    assert not list((tmp_path / "normlab" / "mnist").iterdir())
+
+
+def test_file_by_content_not_by_name(tmp_path):
+    # Raw IDX bytes under a .gz name are read as what they are, and still verified.
+    for f in BUNDLED.glob("*.gz"):
+        (tmp_path / f.name).write_bytes(gzip.decompress(f.read_bytes()))
+    assert data.load("mnist", root=tmp_path).test_y.shape == (10000,)
+
+
+def test_another_datasets_file_is_named_as_such(tmp_path):
+    # A flat folder holding MNIST, asked for Fashion-MNIST: say whose files they are, not "corrupt".
+    shutil.copytree(BUNDLED, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(data.ChecksumError, match="this is mnist's train-images-idx3-ubyte, not the file expected"):
+        data.load("fashion-mnist", root=tmp_path)

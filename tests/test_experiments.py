@@ -284,3 +284,31 @@ def test_diverged_runs_have_no_speedup():
     agg = _paired_speedup(base, method)
     assert agg.n == 1 and agg.mean == 2.0
     assert _paired_speedup(base, [run(0, "diverged", [0.95])]).format(unit="x") == "n/a"
+
+
+def test_plots_leave_diverged_runs_out_of_means(tmp_path, monkeypatch):
+    # One diverged seed must neither cut a group's mean curve short nor pull a level line down.
+    import matplotlib.axes
+
+    from normlab import metrics
+    from normlab.experiments import report
+
+    def run(seed, status, accs, weight=None):
+        return {"seed": seed, "status": status, "method": "std_loss" if weight else "none", "grp": "g",
+                "final_test_acc": accs[-1], "curve": [{"step": 100 * i, "test_acc": a} for i, a in enumerate(accs)],
+                "config": {"method": "std_loss" if weight else "none",
+                           "method_options": {"weight": weight} if weight else {}}}
+
+    runs = [run(0, "done", [0.1, 0.5, 0.9]), run(1, "done", [0.1, 0.5, 0.9]), run(2, "diverged", [0.1])]
+    seen, real = [], metrics.mean_curve
+    monkeypatch.setattr(metrics, "mean_curve", lambda curves, key: seen.append(real(curves, key)) or seen[-1])
+    report._plot_curves({"g": runs}, "test_acc", "acc", tmp_path / "acc.png")
+    assert seen[-1][0] == [0, 100, 200] and (tmp_path / "acc.png").exists()
+    assert report._label("g", runs) == "g (n=2; 1 diverged, not shown)"
+    assert report._label("g", runs[2:]) == "g (all 1 diverged)" and report._plotted(runs[2:]) == runs[2:]
+
+    levels = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y=0, *a, **k: levels.append(y))
+    sweep_runs = [run(0, "done", [0.1, 0.9]), run(1, "diverged", [0.1]), run(0, "done", [0.1, 0.5], weight=1.0)]
+    report._plot_sweep({"grid": {"std_loss.weight": [1.0]}, "methods": ["none", "std_loss"]}, sweep_runs, tmp_path)
+    assert levels == [pytest.approx(90.0)]

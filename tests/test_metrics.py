@@ -39,6 +39,12 @@ def test_speedup_curve_over_training():
     assert [r["speedup"] for r in rows] == [1.0, 2.0, 3.0]
     rows = speedup_curve(BASE, SLOW)
     assert rows[0]["speedup"] == pytest.approx(100 / 300) and rows[1]["speedup"] is None and rows[1]["method_step"] is None
+    # A baseline that first dips below its initial accuracy: those accuracies took it 0 steps, so no
+    # rows for them, and every row agrees with speedup() at its target.
+    dip = curve([(0, 0.10), (50, 0.08), (100, 0.09), (150, 0.30)])
+    rows = speedup_curve(dip, FAST)
+    assert [(r["baseline_step"], r["target"]) for r in rows] == [(150, 0.30)]
+    assert all(r["speedup"] == speedup(dip, FAST, target=r["target"]) for r in rows)
 
 
 def test_nan_values_are_skipped_and_empty_curves_are_errors():

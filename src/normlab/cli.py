@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("methods", help="list the registered methods")
     args = parser.parse_args(argv)
 
+    from .data import DataError
     from .experiments import SpecError
 
     try:
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, FileNotFoundError, _UsageError) as e:
         print(f"normlab: error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:
+        print(f"normlab: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

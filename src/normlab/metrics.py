@@ -80,12 +80,15 @@ def speedup_curve(baseline: Curve, method: Curve, key: str = "test_acc") -> list
     """The speed-up over the course of training: one row per distinct accuracy the baseline reaches.
 
     Rows ``{"baseline_step": s, "target": a, "method_step": m or None, "speedup": s/m or None}``
-    for each evaluation step ``s > 0`` at which the baseline set a new best accuracy ``a``
-    (the paper's Figures 5 and 6 plot speed-up against the baseline's steps).
+    for each evaluation step ``s > 0`` at which the baseline set a new best accuracy ``a``, above
+    its value at step 0 too (an accuracy it had at initialization takes it 0 steps); the paper's
+    Figures 5 and 6 plot speed-up against the baseline's steps.
     """
     rows, record = [], -math.inf
     for step, value in _points(baseline, key):
-        if step == 0 or value <= record:
+        if step == 0:
+            record = max(record, value)
+        if value <= record:
             continue
         record = value
         m = steps_to_target(method, value, key)

@@ -14,15 +14,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
+import tempfile
 import urllib.request
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "ChecksumError", "load", "DATASETS", "MEAN_STD"]
+__all__ = ["Dataset", "ChecksumError", "DataError", "load", "fetch", "DATASETS", "MEAN_STD"]
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -53,7 +56,11 @@ MEAN_STD: dict[str, tuple[float, float]] = {"mnist": (0.1307, 0.3081), "fashion-
 _BUNDLED = Path(__file__).parent
 
 
-class ChecksumError(RuntimeError):
+class DataError(RuntimeError):
+    """A dataset that cannot be had: a file that fails its checksum, or a download that failed."""
+
+
+class ChecksumError(DataError):
     """A data file whose decompressed bytes do not have the expected SHA-256."""
 
 
@@ -86,18 +93,29 @@ def _find(folder: Path, name: str, fname: str) -> Path | None:
     return None
 
 
+def _owner(digest: str) -> str | None:
+    # "mnist's train-images-idx3-ubyte" when ``digest`` is that canonical file's, else None.
+    return next((f"{name}'s {fname}" for name, files in DATASETS.items()
+                 for fname, expected in files.items() if expected == digest), None)
+
+
 def _read_verified(path: Path, expected: str) -> bytes:
     raw = path.read_bytes()
-    if path.suffix == ".gz" or raw[:2] == b"\x1f\x8b":  # by name, or by magic (a download's .part file)
+    if raw[:2] == b"\x1f\x8b":  # gzip by its magic bytes, whatever the name says (an IDX file starts 00 00)
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
-            raise ChecksumError(f"{path}: not a readable gzip file ({e}); delete it and load again") from None
+            raise ChecksumError(f"{path}: not a readable gzip file ({e}); delete or replace it") from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != expected:
+        other = _owner(digest)
+        if other is not None:
+            raise ChecksumError(
+                f"{path}: this is {other}, not the file expected here; keep each dataset in its own "
+                "subfolder (<folder>/mnist/, <folder>/fashion-mnist/)")
         raise ChecksumError(
             f"{path}: SHA-256 of the decompressed bytes is {digest}, expected {expected}; the file is "
-            "corrupt or not the canonical one: delete it (a download will fetch it again)"
+            "corrupt or not the canonical one: delete or replace it (a copy in the cache is downloaded again)"
         )
     return raw
 
@@ -115,22 +133,27 @@ def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
 
 def _download(name: str, fname: str, dest: Path, progress: bool) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    target = dest / f"{fname}.gz"
     errors = []
     for mirror in MIRRORS[name]:
         url = mirror + fname + ".gz"
-        tmp = target.with_suffix(".gz.part")
+        # A temporary file of its own: sweep workers may download the same file at once.
+        fd, part = tempfile.mkstemp(prefix=f"{fname}.", suffix=".part", dir=dest)
+        os.close(fd)
+        tmp = Path(part)
         try:
             if progress:
                 print(f"normlab: downloading {url}")
-            urllib.request.urlretrieve(url, tmp)
+            with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as f:
+                shutil.copyfileobj(response, f)
             _read_verified(tmp, DATASETS[name][fname])
+            gzipped = tmp.open("rb").read(2) == b"\x1f\x8b"
+            target = dest / (f"{fname}.gz" if gzipped else fname)
             tmp.replace(target)
             return target
-        except (OSError, ChecksumError) as e:
-            errors.append(f"{url}: {e}")
+        except (OSError, ChecksumError, HTTPException) as e:
+            errors.append(f"{url}: {e!r}" if isinstance(e, HTTPException) else f"{url}: {e}")
             tmp.unlink(missing_ok=True)
-    raise RuntimeError(f"could not download {fname} for {name}:\n  " + "\n  ".join(errors))
+    raise DataError(f"could not download {fname} for {name}:\n  " + "\n  ".join(errors))
 
 
 def _locate(name: str, root: str | os.PathLike | None, download: bool, progress: bool) -> tuple[list[Path], str]:
@@ -160,6 +183,15 @@ def _locate(name: str, root: str | os.PathLike | None, download: bool, progress:
     cache = _cache_dir() / name
     paths = [_find(cache, name, f) or _download(name, f, cache, progress) for f in FILES]
     return paths, f"downloaded to {cache}"
+
+
+def fetch(name: str = "mnist", *, progress: bool = True) -> str:
+    """Make sure the four files of dataset ``name`` are on this machine, downloading them into the
+    cache if no local copy exists (see the module docstring for the order), and say where they are.
+    A sweep calls it once before starting its workers, so that they never download at once."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
+    return _locate(name, None, True, progress)[1]
 
 
 _MEMO: dict[tuple, Dataset] = {}

@@ -131,14 +131,30 @@ def _plt():
     return plt
 
 
+def _plotted(runs: list[dict]) -> list[dict]:
+    """The runs a group's mean curve is drawn from: those that finished. A diverged run's curve stops
+    early, and the mean over seeds exists only at the steps every run recorded, so one diverged
+    seed would cut the whole group's curve short; where every run diverged, all of them (the mean
+    then ends at the first divergence)."""
+    return [r for r in runs if r["status"] == "done"] or runs
+
+
+def _label(name: str, runs: list[dict]) -> str:
+    diverged = sum(r["status"] == "diverged" for r in runs)
+    done = len(runs) - diverged
+    if not diverged:
+        return f"{name} (n={len(runs)})"
+    return f"{name} (all {diverged} diverged)" if not done else f"{name} (n={done}; {diverged} diverged, not shown)"
+
+
 def _plot_curves(groups: dict[str, list[dict]], key: str, ylabel: str, path: Path, scale: float = 1.0) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, runs in groups.items():
-        steps, mean, std = metrics.mean_curve([r["curve"] for r in runs], key)
+        steps, mean, std = metrics.mean_curve([r["curve"] for r in _plotted(runs)], key)
         mean = [m * scale for m in mean]
         std = [s * scale for s in std]
-        line, = ax.plot(steps, mean, label=f"{name} (n={len(runs)})")
+        line, = ax.plot(steps, mean, label=_label(name, runs))
         ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("training step")
@@ -158,8 +174,8 @@ def _plot_speedup(groups: dict[str, list[dict]], rows: list[dict], path: Path) -
         if r["speedup"] is None:
             continue
         base = groups[r["baseline"]]
-        bs, bm, _ = metrics.mean_curve([x["curve"] for x in base], "test_acc")
-        ms, mm, _ = metrics.mean_curve([x["curve"] for x in groups[r["group"]]], "test_acc")
+        bs, bm, _ = metrics.mean_curve([x["curve"] for x in _plotted(base)], "test_acc")
+        ms, mm, _ = metrics.mean_curve([x["curve"] for x in _plotted(groups[r["group"]])], "test_acc")
         curve = metrics.speedup_curve([{"step": s, "test_acc": v} for s, v in zip(bs, bm)],
                                       [{"step": s, "test_acc": v} for s, v in zip(ms, mm)])
         pts = [(c["baseline_step"], c["speedup"]) for c in curve if c["speedup"] is not None and math.isfinite(c["speedup"])]
@@ -198,7 +214,7 @@ def _plot_sweep(exp: dict, runs: list[dict], folder: Path) -> list[str]:
             mine = [r for r in runs if r["method"] == method]
             values = sorted({_swept(r, key) for r in mine}, key=lambda v: (v is None, v))
             if values == [None]:  # not swept for this method: its level as a line
-                agg = metrics.aggregate(r["final_test_acc"] for r in mine)
+                agg = metrics.aggregate(r["final_test_acc"] if r["status"] == "done" else None for r in mine)
                 if agg.mean is not None:
                     ax.axhline(agg.mean * 100, linestyle="--", color="grey", label=f"{method} (not swept)")
                 continue
@@ -265,7 +281,7 @@ def _plot_loss_vs_accuracy(groups: dict[str, list[dict]], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for name, runs in groups.items():
-        curves = [r["curve"] for r in runs]
+        curves = [r["curve"] for r in _plotted(runs)]
         for ax, key in zip(axes, ("loss", "test_loss")):
             steps, loss, _ = metrics.mean_curve(curves, key)
             steps_acc, acc, _ = metrics.mean_curve(curves, "test_acc")

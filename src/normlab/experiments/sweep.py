@@ -102,6 +102,10 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
         return store
     n_workers = default_workers() if workers is None else workers
     n_workers = min(n_workers, len(pending))
+    from .. import data
+
+    for name in sorted({r.config.dataset for r in pending}):
+        data.fetch(name, progress=progress)  # a download happens here once, not in every worker
     bar = _bar(total=total, unit="step", desc=f"{exp.name}: {len(pending)} runs",
                       disable=not progress, smoothing=0.05, dynamic_ncols=True)
     failures: list[tuple[Run, str]] = []
