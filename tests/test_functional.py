@@ -168,6 +168,42 @@ def test_patch_moments_keep_float32_precision_under_a_large_input_mean(padding):
         torch.testing.assert_close(pm.mean.double(), x.double().mean().expand(9), rtol=1e-3, atol=0)
 
 
+def test_patch_moments_keep_precision_when_input_channels_have_different_means():
+    # Channel means +1000 and -1000: one shift for the whole input would leave both far from 0.
+    torch.manual_seed(0)
+    x = torch.randn(32, 2, 10, 10)
+    x[:, 0] += 1000.0
+    x[:, 1] -= 1000.0
+    w = torch.randn(6, 2, 3, 3)
+    for padding in (0, 1):
+        pm = patch_moments(x, w, None, padding=padding)
+        w2 = w.view(6, -1)
+        mean, var = channel_moments(F.conv2d(x.double(), w.double(), None, 1, padding))
+        torch.testing.assert_close(((w2 @ pm.cov) * w2).sum(1).double(), var, rtol=1e-4, atol=0)
+        torch.testing.assert_close((w2 @ pm.mean).double(), mean, rtol=1e-4, atol=1e-2)
+
+
+def test_gradient_of_a_nearly_constant_channel_far_from_zero():
+    # var ~ 0, mean 10: d kl / dz = (mu + (1 - r)(z - mu)) / n; written as b*z + a it cancels to 0.
+    for eps in (1e-5, 1e-8):
+        z = torch.full((256, 1), 10.0, requires_grad=True)
+        standardization_kl(z, eps=eps).backward()
+        torch.testing.assert_close(z.grad, torch.full_like(z, 10.0 / 256))
+
+
+def test_no_silent_second_derivative():
+    z = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(standardization_kl(z), z, create_graph=True)
+
+
+def test_channel_moments_is_differentiable():
+    z = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: channel_moments(t), (z,))
+    with torch.no_grad():
+        torch.testing.assert_close(channel_moments(z), (z.mean((0, 2)), z.var((0, 2), correction=0)))
+
+
 def test_patch_moments_bad_inputs():
     w = torch.randn(4, 1, 3, 3)
     with pytest.raises(ValueError, match="weight of shape"):
@@ -178,5 +214,7 @@ def test_patch_moments_bad_inputs():
         patch_moments(torch.randn(2, 1, 8, 8), w, padding=(1, 1, 1))
     with pytest.raises(ValueError, match="larger than the padded input"):
         patch_moments(torch.randn(2, 1, 2, 2), w)
+    with pytest.raises(ValueError, match="undefined"):
+        patch_moments(torch.randn(1, 1, 3, 3), w)  # one patch: no variance
     with pytest.raises(TypeError, match="Tensor or a PatchMoments"):
         layer_kls([torch.randn(4, 2), "z"])

@@ -96,14 +96,18 @@ def test_remove_leaves_no_trace():
 def test_bad_arguments():
     with pytest.raises(TypeError, match="nn.Module"):
         StandardizationLoss("model")
-    with pytest.raises(ValueError, match="weight"):
-        StandardizationLoss(net(), weight=-1)
+    for weight in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="weight must be a finite number"):
+            StandardizationLoss(net(), weight=weight)
     with pytest.raises(ValueError, match="reduction"):
         StandardizationLoss(net(), reduction="none")
     with pytest.raises(ValueError, match="no submodule 'nope'"):
         StandardizationLoss(net(), modules=["nope"])
     with pytest.raises(ValueError, match="not a submodule"):
         StandardizationLoss(net(), modules=[nn.Linear(2, 2)])
+    model = net()
+    with pytest.raises(ValueError, match="module '0' is listed twice"):
+        StandardizationLoss(model, modules=["0", model[0]])
     with pytest.raises(ValueError, match="besides the classifier head"):
         StandardizationLoss(nn.Sequential(nn.Linear(3, 2)))
 
@@ -271,3 +275,77 @@ def test_patch_moments_only_where_they_apply():
             assert [type(layer).__name__ for _, layer, _ in std._pending] == kinds
     with pytest.raises(ValueError, match="patch_moments must be"):
         StandardizationLoss(model, patch_moments="yes")
+
+
+def test_activation_checkpointing_records_each_layer_once_per_step():
+    # The recomputation of a checkpointed segment during backward must not be recorded as the next
+    # step's pre-activations (which would add a stale term and backward through a freed graph).
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = checkpoint(lambda t: torch.relu(self.b(torch.relu(t))), self.a(x), use_reentrant=False)
+            return self.head(y)
+
+    torch.manual_seed(0)
+    model = Net()
+    with StandardizationLoss(model) as std:
+        for _ in range(2):
+            x = torch.randn(16, 4) * 3
+            out = model(x)
+            loss = std()
+            with torch.no_grad():
+                a = model.a(x)
+                expected = standardization_kl(a) + standardization_kl(model.b(torch.relu(a)))
+            torch.testing.assert_close(loss.detach(), expected)
+            (out.sum() + loss).backward()
+
+
+def test_linear_on_a_sequence_standardizes_each_feature_over_batch_and_time():
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(32, 10, 6)
+    with StandardizationLoss(model) as std:
+        model(x)
+        loss = std()
+    torch.testing.assert_close(loss, standardization_kl(model[0](x).reshape(-1, 4)))
+    loss.backward()
+    assert torch.isfinite(model[0].weight.grad).all()
+
+
+def test_clear_discards_a_failed_forward_and_terms_follow_the_last_call():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    std = StandardizationLoss(model)
+    model[0](torch.randn(8, 4))  # a forward that got as far as layer '0', then the batch was skipped
+    std.clear()
+    x = torch.randn(8, 4)
+    model(x)
+    loss = std()
+    with torch.no_grad():
+        h = model[0](x)
+        expected = standardization_kl(h) + standardization_kl(model[2](torch.relu(h)))
+    torch.testing.assert_close(loss, expected)
+    assert list(std.terms()) == ["0", "2"]
+    model.eval()
+    model(x)
+    assert std().item() == 0.0 and std.terms() == {}
+
+
+def test_unbatched_conv_input_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(0), nn.Linear(4 * 16, 2))
+    with StandardizationLoss(model):
+        with pytest.raises(ValueError, match="needs batched input"):
+            model(torch.randn(1, 6, 6))
+
+
+def test_weight_changed_between_forward_and_loss_is_a_clear_error():
+    model = models.cnn(norm="none")
+    with StandardizationLoss(model) as std:
+        model(torch.randn(8, 1, 28, 28))
+        with torch.no_grad():
+            model[0].weight.mul_(2)
+        with pytest.raises(RuntimeError, match="weight of module '0' was modified in place"):
+            std()

@@ -46,7 +46,8 @@ def channel_moments(z: Tensor, dim: int | Sequence[int] | None = None) -> tuple[
     With ``dim=None`` the channel is dim 1 and the statistics run over every other dim, as in batch
     norm: ``N`` for (N, C), ``N, L`` for (N, C, L), ``N, H, W`` for (N, C, H, W), and so on. This
     case uses the batch-norm statistics kernel (``torch.batch_norm_update_stats``), which is ~20x
-    faster than ``torch.var_mean`` over (0, 2, 3) on a CPU and as stable as batch norm itself.
+    faster than ``torch.var_mean`` over (0, 2, 3) on a CPU and as stable as batch norm itself; that
+    kernel has no derivative, so where ``z`` needs a gradient ``torch.var_mean`` is used instead.
 
     Raises ``ValueError`` when the variance is undefined (a single element per statistic).
     """
@@ -61,11 +62,11 @@ def channel_moments(z: Tensor, dim: int | Sequence[int] | None = None) -> tuple[
         )
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()
-    if dim is None:
+    if dim is None and not (z.requires_grad and torch.is_grad_enabled()):
         mean, var = torch.batch_norm_update_stats(z, None, None, 0.0)
         return mean, var
     var, mean = torch.var_mean(z, dim=dims, correction=0)
-    return mean, var
+    return (mean.flatten(), var.flatten()) if dim is None else (mean, var)
 
 
 def _broadcast_shape(z: Tensor, dims: tuple[int, ...] | None) -> list[int]:
@@ -105,8 +106,9 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
     one group, 1 to 3 spatial dims), for the standardization loss of a first layer.
 
     Computes ``m = mean_p x_p`` and ``S = mean_p (x_p - m)(x_p - m)^T`` over the ``N * prod(out)``
-    patches of ``x`` (without gradient: ``x`` is data), from one strided copy of the patches and
-    one K x K matrix product; ``x`` must be float32 or float64. On the paper's MNIST CNN (patches
+    patches of ``x`` (without gradient: ``x`` is data), from one strided copy of the patches,
+    shifted by each input channel's mean, and one K x K matrix product; ``x`` must be float32 or
+    float64. Raises ``ValueError`` when there is a single patch (the variance is undefined). On the paper's MNIST CNN (patches
     of K = 9 values, 32 output channels) this is much less memory traffic than the statistics and
     gradient of the (N, 32, 14, 14) output it replaces.
     """
@@ -120,17 +122,21 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
                                                               (dilation, "dilation")))
     kernel = tuple(weight.shape[2:])
     with torch.no_grad():
-        # Shift every patch entry, the zero padding too, by the input's mean: the covariance is
-        # unchanged and the float32 second moments below lose no precision to a large mean.
-        shift = x.detach().mean()
+        # Shift every patch entry, the zero padding too, by its input channel's mean: the covariance
+        # is unchanged and the float32 second moments below lose no precision to large means.
         xs = x.detach().transpose(0, 1)  # (C_in, N, *spatial): the patch index (C_in, *kernel) leads
-        xs = F.pad(xs, [p for p in reversed(padding) for _ in (0, 1)]).sub_(shift) if any(padding) else xs - shift
+        shift = xs.reshape(xs.shape[0], -1).mean(1) if xs.shape[0] > 1 else xs.mean().reshape(1)
+        shift_b = shift.view(-1, *(1,) * (d + 1))
+        xs = F.pad(xs, [p for p in reversed(padding) for _ in (0, 1)]).sub_(shift_b) if any(padding) else xs - shift_b
         out = [(size - dil * (k - 1) - 1) // st + 1
                for size, k, st, dil in zip(xs.shape[2:], kernel, stride, dilation)]
         if min(out) < 1:
             raise ValueError(f"kernel {kernel} (dilation {dilation}) is larger than the padded input "
                              f"{tuple(xs.shape[2:])}")
         count = xs.shape[1] * math.prod(out)
+        if count < 2:
+            raise ValueError(f"the output variance of a conv on input {tuple(x.shape)} is undefined (one output "
+                             "position per channel): use a batch of at least 2 samples")
         st = xs.stride()
         view = xs.as_strided(
             (xs.shape[0], *kernel, xs.shape[1], *out),
@@ -139,7 +145,7 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
         patches = view.reshape(-1, count)  # (K, N * prod(out)), one strided copy
         mean = patches.sum(1).div_(count)
         cov = torch.mm(patches, patches.T).div_(count).sub_(torch.outer(mean, mean))
-        mean += shift
+        mean += shift.repeat_interleave(math.prod(kernel)) if shift.numel() > 1 else shift
     return PatchMoments(weight, bias, mean, cov, count)
 
 
@@ -170,10 +176,10 @@ class _KL(torch.autograd.Function):
 
     Each layer is a pre-activation ``z`` or the :class:`PatchMoments` of a convolution. With
     ``r_c = 1 / (var_c + eps)``, ``d kl_c / d mu_c = mu_c`` and ``d kl_c / d var_c = (1 - r_c) / 2``,
-    so for ``z`` with ``n`` elements per statistic ``d kl_c / d z = ((1 - r_c) * z + mu_c * r_c) / n``:
-    the whole backward of a layer is one fused ``a_c + b_c * z`` over ``z``, with no autograd graph
-    through the moments. For patch moments it is ``d/dw_c = mu_c m + (1 - r_c) S w_c`` and
-    ``d/db_c = mu_c``. The small per-channel maths of all layers is done once on their concatenated
+    so for ``z`` with ``n`` elements per statistic ``d kl_c / d z = (mu_c + (1 - r_c) (z - mu_c)) / n``:
+    the whole backward of a layer is one ``lerp`` and one scaling over ``z``, with no autograd
+    graph through the moments (and no second derivative: ``create_graph=True`` through it raises).
+    For patch moments it is ``d/dw_c = mu_c m + (1 - r_c) S w_c`` and ``d/db_c = mu_c``. The small per-channel maths of all layers is done once on their concatenated
     statistics: on a small network those tiny ops, not the big tensors, dominate, so this code
     counts them.
 
@@ -224,24 +230,30 @@ class _KL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: a graph of this backward would be wrong, not absent
+            raise RuntimeError("the standardization loss has no second derivative: a backward with "
+                               "create_graph=True through it (a gradient penalty, a Hessian-vector product) is "
+                               "not supported")
         mean, veps, *saved = ctx.saved_tensors
         consts = ctx.consts
         c = grad if ctx.none else torch.mv(consts.seg_t, grad)  # d loss / d kl_c
-        r = veps.reciprocal()
         dmean = mean * c  # d loss / d mu_c
-        dvar2 = torch.rsub(r, 1.0).mul_(c)  # 2 * d loss / d var_c
-        a = r.mul_(dmean).mul_(consts.inv_count)
-        b = dvar2 * consts.inv_count
+        slope = torch.rsub(veps.reciprocal(), 1.0)  # 1 - r
+        dvar2 = slope * c  # 2 * d loss / d var_c
+        scale = c * consts.inv_count
         grads: list[Tensor | None] = []
         start, s, w = 0, 0, 0
         for count, size in zip(ctx.layout, ctx.sizes):
             end = start + size
             if count is None:
+                # (mu + (1 - r) * (z - mu)) * c / n, centred by lerp: b*z + a would cancel
+                # catastrophically for a nearly constant channel far from 0 (r large).
                 z = saved[s]
                 shape = _broadcast_shape(z, ctx.dims)
-                a_l, b_l = a[start:end].view(shape), b[start:end].view(shape)
-                g = torch.addcmul(a_l, b_l, z) if z.dtype == a_l.dtype else torch.addcmul(a_l, b_l, z.to(a_l.dtype)).to(z.dtype)
-                grads.append(g)
+                zf = z if z.dtype == mean.dtype else z.to(mean.dtype)
+                g = torch.lerp(mean[start:end].view(shape), zf, slope[start:end].view(shape))
+                g = g.mul_(scale[start:end].view(shape))
+                grads.append(g if g.dtype == z.dtype else g.to(z.dtype))
                 s += 1
             else:
                 wcov, m = saved[s], saved[s + 1]

@@ -128,4 +128,6 @@ def resolve_modules(model: nn.Module, modules: Sequence[nn.Module | str] | nn.Mo
             out.append((names[id(m)], m))
         else:
             raise TypeError(f"{what}: entries must be nn.Module or qualified names, got {type(m).__name__}")
+        if any(other is out[-1][1] for _, other in out[:-1]):
+            raise ValueError(f"{what}: module '{out[-1][0]}' is listed twice (by name and by object?); list each once")
     return out

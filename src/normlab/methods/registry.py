@@ -70,7 +70,8 @@ class Handle:
     state: dict[str, object] = field(default_factory=dict)
 
     def aux_loss(self) -> Tensor:
-        """Sum of the auxiliary losses of the last forward pass (0 if none)."""
+        """Sum of the auxiliary losses recorded since the previous call, normally those of the last
+        forward pass (a 0 tensor if none)."""
         total: Tensor | None = None
         for loss in self.losses:
             value = loss()

@@ -25,7 +25,9 @@ __all__ = ["StandardizationLoss", "ChannelAffine"]
 
 
 def default_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every ``Conv*d`` and ``Linear`` of ``model`` except the last ``Linear`` (the classifier head)."""
+    """Every ``Conv*d`` and ``Linear`` of ``model`` except the last ``Linear`` (the classifier head),
+    in registration order (``model.named_modules()``): a head registered before the body is not
+    found; pass ``modules`` for such a model."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, LAYERS)]
     linears = [i for i, (_, m) in enumerate(found) if isinstance(m, nn.Linear)]
     if linears:
@@ -51,11 +53,17 @@ def _patch_conv(module: nn.Module, patch: bool | None) -> bool:
 def _patch_moments(module: nn.Module, x: Tensor) -> PatchMoments | None:
     # The patch moments of a conv's output from its input x, when x is data (needs no gradient) and
     # the conv runs in x's own float32/64 precision (not under autocast); None otherwise.
-    if not isinstance(x, Tensor) or x.requires_grad or x.dtype != module.weight.dtype \
+    if not isinstance(x, Tensor) or x.requires_grad or x.dtype != module.weight.dtype or x.dim() != module.weight.dim() \
             or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
         return None
     padding = 0 if isinstance(module.padding, str) else module.padding
     return patch_moments(x, module.weight, module.bias, module.stride, padding, module.dilation)
+
+
+def _recording() -> bool:
+    # Gradients on, and not inside a backward pass: activation checkpointing runs a segment's forward
+    # again during backward, and those outputs must not be recorded as the next step's.
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
 
 
 class StandardizationLoss:
@@ -70,6 +78,13 @@ class StandardizationLoss:
     training mode with gradients enabled: in eval mode or under ``torch.no_grad()`` nothing is
     recorded and nothing is computed. Calling the object returns the loss of everything recorded
     since the previous call and starts afresh, so a step never adds a stale term twice.
+
+    A ``Linear`` on (N, ..., F) input (a sequence) counts its last dim as the channels, with
+    statistics over every other dim. Under activation checkpointing, the recomputation of a segment
+    during backward is not recorded (with ``use_reentrant=True`` the first forward runs without
+    gradients, so a checkpointed segment then gets no loss at all: use ``use_reentrant=False``). If a
+    forward pass fails half-way and the batch is skipped, call :meth:`clear`, or the next call adds
+    the layers it recorded.
 
     The hooks keep a reference to each tensor, and the moments are taken when the loss is asked
     for. If something overwrites a recorded tensor in place before that (``nn.ReLU(inplace=True)``
@@ -119,7 +134,7 @@ class StandardizationLoss:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not (isinstance(weight, (int, float)) and weight >= 0 and weight == weight):
+        if not (isinstance(weight, (int, float)) and weight >= 0 and math.isfinite(weight)):
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean' (per layer), got {reduction!r}")
@@ -166,7 +181,7 @@ class StandardizationLoss:
         return out
 
     def _take(self, module: nn.Module, args: tuple) -> None:
-        if module.training and torch.is_grad_enabled() and args:
+        if module.training and _recording() and args:
             moments = _patch_moments(module, args[0])
             if moments is not None:
                 self._early[id(module)] = moments
@@ -180,20 +195,34 @@ class StandardizationLoss:
         use_input = self.record == "input"
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            if module.training and torch.is_grad_enabled():
+            if module.training and _recording():
                 z = args[0] if use_input else output
                 moments, out = self._produced.pop(id(z), (None, None)) if self._produced else (None, None)
                 if out is not z:
                     moments = None
                 if moments is not None:
-                    self._pending.append((name, moments, -1))
+                    self._pending.append((name, moments, moments.weight._version))
                     return None
-                self._pending.append((name, z, z._version))
+                if isinstance(module, CONVS) and z.dim() == module.weight.dim() - 1:
+                    raise ValueError(f"the standardization loss needs batched input: module '{name}' got an "
+                                     f"unbatched {tuple(z.shape)} tensor; add a batch dim (x.unsqueeze(0) for one sample "
+                                     "is a batch of one, whose variance over positions is used)")
+                # A Linear acts on the last dim: on (N, ..., F) its features are the channels, and the
+                # statistics run over every other dim (a sequence's N and T); a view shares z's version.
+                zc = z.flatten(0, -2) if isinstance(module, nn.Linear) and z.dim() > 2 else z
+                self._pending.append((name, zc, zc._version))
                 if self.copy:
                     return output.clone()
             return None
 
         return hook
+
+    def clear(self) -> None:
+        """Discard what was recorded since the last call, e.g. after a forward pass that raised
+        (a batch skipped after an out-of-memory error): otherwise the next call adds it in."""
+        self._pending = []
+        self._early.clear()
+        self._produced.clear()
 
     def __call__(self) -> Tensor:
         """``weight * sum`` of the KL terms recorded since the last call (a 0 tensor if none).
@@ -202,13 +231,18 @@ class StandardizationLoss:
         :func:`normlab.functional.layer_kls`); the hooks only keep a reference to each tensor
         (or the patch moments of a first convolution).
         """
-        pending, self._pending = self._pending, []
-        self._early.clear()
-        self._produced.clear()
+        pending = self._pending
+        self.clear()
         if not pending:
+            self._last = ((), torch.zeros(0))
             return torch.zeros(())
         for name, z, version in pending:
-            if version >= 0 and z._version != version:
+            if isinstance(z, PatchMoments):
+                if z.weight._version != version:
+                    raise RuntimeError(
+                        f"the weight of module '{name}' was modified in place (an optimizer step?) between the "
+                        "forward pass and the standardization loss call; call the loss right after the forward")
+            elif z._version != version:
                 raise RuntimeError(
                     f"the {self.record} of module '{name}' was modified in place after the standardization "
                     "loss recorded it (e.g. by nn.ReLU(inplace=True) or `out += identity`), so its "
@@ -232,9 +266,7 @@ class StandardizationLoss:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._pending = []
-        self._early.clear()
-        self._produced.clear()
+        self.clear()
 
     def __enter__(self) -> StandardizationLoss:
         return self
