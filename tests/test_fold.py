@@ -409,3 +409,35 @@ def test_weight_parametrization_methods_are_baked(spec):
     report = fold_report(model)
     assert report.baked[:3] == ["0.weight", "3.weight", "7.weight"] and not report.kept
     assert report.folded == ({"1": "0", "4": "3", "8": "7"} if spec == "bwn" else {})
+
+
+def test_tied_weights_and_aliased_norms_are_kept_not_folded_wrongly():
+    class Tied(nn.Module):
+        def __init__(self, tie: str):
+            super().__init__()
+            self.c1, self.c2, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+            setattr(self.c2, tie, getattr(self.c1, tie))
+
+        def forward(self, x):
+            return self.bn(self.c1(x)) + self.c2(x)
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+            self.blocks = nn.ModuleList([self.bn])
+
+        def forward(self, x):
+            return self.blocks[0](self.c(x))
+
+    for model, why in ((Tied("weight"), "c1 shares a parameter"), (Tied("bias"), "c1 shares a parameter"),
+                       (Aliased(), "bn is reachable under 2 names (bn, blocks.0)")):
+        warm_up(model, (4, 3, 6, 6))
+        with pytest.warns(UserWarning, match="could not be folded"):
+            folded = fold(model)
+        assert fold_report(model).folded == {} and why in fold_report(model).kept["bn"]
+        x = torch.randn(2, 3, 6, 6)
+        torch.testing.assert_close(folded(x), model.eval()(x))
+    seq = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1))
+    seq[2].weight = seq[0].weight
+    assert "0 shares a parameter" in fold_report(seq).kept["1"]

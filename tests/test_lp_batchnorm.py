@@ -348,3 +348,36 @@ def test_bad_inputs_give_clear_errors():
         normlab.apply(nn.Sequential(nn.Linear(3, 3)), "l1bn")
     m = TopKBatchNorm1d(4, k=2).eval()
     assert m(torch.randn(1, 4)).shape == (1, 4)  # eval needs no batch statistics
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float16_parameters_beyond_scale_256(kind):
+    # scale**2 > 65504 overflows float16: the training output must still be standardized, not zero.
+    m = make(kind, 5, 2, dtype=torch.float16)
+    x = sample("img", torch.float32).mul(300).half().requires_grad_()
+    y = m(x)
+    assert y.dtype == torch.float16
+    ref, _, _ = reference(x.detach().float(), None, None, k_of(kind), const_of(kind, x.numel() // 5))
+    torch.testing.assert_close(y.float(), ref, rtol=0.01, atol=0.01)
+    y.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(m.weight.grad).all()
+
+
+def test_a_rejected_batch_leaves_the_running_statistics_alone():
+    for m, bad in ((L1BatchNorm1d(3, momentum=None), torch.randn(1, 3)),
+                   (TopKBatchNorm1d(3, k=4, momentum=None), torch.randn(3, 3)),
+                   (normlab.norm_layer("bcn", 4, 2, num_groups=2, estimate=False, momentum=None), torch.randn(1, 4, 1, 1))):
+        with pytest.raises(ValueError, match="value|values per channel"):
+            m(bad)
+        assert int(m.num_batches_tracked) == 0
+        x = torch.randn(8, m.num_features) if m.running_mean.shape == (3,) else torch.randn(8, 4, 3, 3)
+        m(x)
+        dims = [d for d in range(x.dim()) if d != 1]
+        torch.testing.assert_close(m.running_mean, x.mean(dims))  # cumulative average of one batch
+
+
+def test_functional_bad_input():
+    with pytest.raises(ValueError, match=r"shape \(N, C, ...\)"):
+        lp.lp_batch_norm(torch.randn(5), None, None, training=True)
+    with pytest.raises(ValueError, match="k must be an int >= 0"):
+        lp.lp_batch_norm(torch.randn(5, 3), None, None, training=True, k=-1)

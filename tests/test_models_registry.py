@@ -4,6 +4,7 @@ from torch import nn
 
 import normlab
 from normlab import models
+from normlab.methods.registry import swap_norms
 
 
 def test_cnn_shapes_and_norm_choice():
@@ -117,3 +118,30 @@ def test_every_method_converts_a_resnet_style_model_forward_and_backward(spec):
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (4, 10)
+
+
+def test_swap_norms_replaces_every_alias_and_subclasses_and_is_all_or_nothing():
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+            self.blocks = nn.ModuleList([self.bn])
+
+        def forward(self, x):
+            return self.blocks[0](self.c(x))
+
+    model = Aliased()
+    assert normlab.apply(model, "gn").swapped == ["bn"]
+    assert model.bn is model.blocks[0] and type(model.blocks[0]).__name__ == "GroupNorm2d"
+
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), MyBN(4))
+    assert normlab.apply(model, "l1bn").swapped == ["1", "3"]
+    assert type(model[3]).__name__ == "L1BatchNorm2d"
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6))
+    with pytest.raises(ValueError, match=r"cannot replace 3 \(BatchNorm2d\)"):
+        swap_norms(model, lambda nf, dims: nn.GroupNorm(4, nf))  # 6 channels, 4 groups
+    assert type(model[1]) is nn.BatchNorm2d  # nothing replaced

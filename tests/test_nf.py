@@ -279,3 +279,14 @@ def test_bad_inputs_raise_clear_errors():
     p.grad = torch.randn(3, 3).to_sparse()
     with pytest.raises(ValueError, match="sparse"):
         adaptive_clip_grad_([p])
+
+
+def test_bad_nf_options_name_themselves_and_leave_the_model_untouched():
+    model = models.cnn(norm="bn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for opts, says in (({"agc_eps": -1}, "nf: agc_eps must be"), ({"eps": 0}, "nf: eps must be")):
+        with pytest.raises(ValueError, match=says):
+            normlab.apply(model, "nf", **opts)
+        assert isinstance(model[1], nn.BatchNorm2d) and not parametrize.is_parametrized(model[0])
+    assert model.state_dict().keys() == before.keys()
+    normlab.apply(model, "nf")  # and it can still be applied

@@ -22,11 +22,14 @@ standardization").
 
   with ``m = momentum`` (PyTorch's convention; ``momentum=None`` is the cumulative average
   ``m = 1 / num_batches_tracked``, whose first step copies the first batch's statistics). The
-  variance is taken around the *updated running mean*, not the batch mean, as the authors do: with
-  a batch of one or two images the spread of the means between batches is part of the variance the
-  layer must divide by. Differences from the released code, on purpose: its moving speed is a
-  buffer that starts at 0 and is never set, so its estimates never move; here they move with
-  ``momentum`` from the first step, and ``num_batches_tracked`` counts the updates.
+  variance is taken around a running mean, not the batch mean, as the authors do: with a batch of
+  one or two images the spread of the means between batches is part of the variance the layer must
+  divide by. Differences from the released code, on purpose: (1) its moving speed is a buffer that
+  starts at 0 and is never set, so its estimates never move; here they move with ``momentum`` from
+  the first step, and ``num_batches_tracked`` counts the updates; (2) it centres the variance on
+  the running mean *before* this batch's update, here on the updated one, so that the first step
+  with ``momentum=None`` copies the batch's variance instead of adding the square of the distance
+  between the batch mean and the initial 0.
 
 In eval mode every sample's output depends on that sample alone. Estimated batch norm is a
 per-channel affine map in eval (and in training) and defines ``eval_affine()`` for folding;
@@ -173,6 +176,9 @@ class BatchChannelNorm2d(_RunningStats):
             mean, var = self._estimates(x)
             u = F.batch_norm(x, mean, var, self.bn_weight, self.bn_bias, False, 0.0, self.eps)
         else:
+            if self.training and x.numel() // x.shape[1] < 2:  # before _momentum() counts the batch
+                raise ValueError(f"expected more than 1 value per channel when training, got input of shape "
+                                 f"{tuple(x.shape)}")
             momentum = self._momentum() if self.training else 0.0
             u = F.batch_norm(x, self.running_mean, self.running_var, self.bn_weight, self.bn_bias, self.training,
                              momentum, self.eps)

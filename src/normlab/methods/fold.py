@@ -19,8 +19,9 @@ or linear layer ``x = W * u + b`` it folds exactly into that layer (Ioffe & Szeg
 replaced by ``nn.Identity``, every module hook removed and every weight parametrization
 (``torch.nn.utils.parametrize``, and the legacy hook-based ``weight_norm``/``spectral_norm``)
 baked into a plain weight. Layers that cannot fold (group/layer norm, a norm not directly after a
-conv/linear, a conv whose output has other users, a module called more than once) stay and are
-named in a warning; :func:`fold_report` returns the same information as a :class:`FoldReport`.
+conv/linear, a conv whose output has other users, a module called more than once or reachable
+under two names, a conv whose weight or bias is tied to another module) stay and are named in a
+warning; :func:`fold_report` returns the same information as a :class:`FoldReport`.
 
 Finding "directly after": the model is traced with ``torch.fx`` (norm and conv/linear layers as
 leaves); a norm folds when its input is the output of a conv/linear node that has no other user
@@ -139,6 +140,26 @@ def _check(norm: nn.Module, conv: nn.Module, conv_name: str) -> tuple[Tensor, Te
     return affine
 
 
+def _not_alone(model: nn.Module) -> dict[int, str]:
+    """Why a module must not be folded into or replaced, by ``id``: it is reachable under more than
+    one name (replacing one name would leave it in use under the other), or owns a parameter that
+    another module also owns (folding would change that module too)."""
+    names: dict[int, list[str]] = {}
+    owners: dict[int, set[int]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name or "<root>")
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(m))
+    why: dict[int, str] = {}
+    for name, m in model.named_modules():
+        if len(names[id(m)]) > 1:
+            why[id(m)] = f"{name} is reachable under {len(names[id(m)])} names ({', '.join(names[id(m)])})"
+        elif any(p is not None and len(owners[id(p)]) > 1 for p in m._parameters.values()):
+            why[id(m)] = f"{name} shares a parameter with another module (tied weights)"
+    return why
+
+
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return _is_norm(m) or isinstance(m, _INTO) or super().is_leaf_module(m, qualname)
@@ -152,10 +173,14 @@ def _pairs_fx(model: nn.Module, graph: torch.fx.Graph) -> tuple[_Pairs, dict[str
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs, kept, transparent = [], {}, set()
+    alone = _not_alone(model)
     for node in graph.nodes:
         if node.op != "call_module" or not _is_norm(mods[node.target]):
             continue
         name = node.target
+        if id(mods[name]) in alone:
+            kept[name] = alone[id(mods[name])]
+            continue
         if calls[name] > 1:
             kept[name] = f"called {calls[name]} times in forward (shared module)"
             continue
@@ -178,6 +203,8 @@ def _pairs_fx(model: nn.Module, graph: torch.fx.Graph) -> tuple[_Pairs, dict[str
             kept[name] = f"the output of {prev.target} has other users besides this norm"
         elif calls[prev.target] > 1:
             kept[name] = f"{prev.target} is called {calls[prev.target]} times in forward (shared module)"
+        elif id(mods[prev.target]) in alone:
+            kept[name] = alone[id(mods[prev.target])]
         else:
             affine = _check(mods[name], mods[prev.target], prev.target)
             if isinstance(affine, str):
@@ -190,9 +217,7 @@ def _pairs_fx(model: nn.Module, graph: torch.fx.Graph) -> tuple[_Pairs, dict[str
 
 def _pairs_sequential(model: nn.Module) -> tuple[_Pairs, dict[str, str]]:
     """Fallback: adjacent (conv/linear, norm) children of plain ``nn.Sequential`` containers."""
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
+    alone = _not_alone(model)
     pairs: _Pairs = []
     kept: dict[str, str] = {}
     for name, seq in model.named_modules():
@@ -204,9 +229,9 @@ def _pairs_sequential(model: nn.Module) -> tuple[_Pairs, dict[str, str]]:
             full = prefix + child_name
             if isinstance(child, nn.Identity):
                 continue
-            if (_is_foldable_kind(child) and prev is not None and isinstance(prev[1], _INTO)
-                    and uses[id(prev[1])] == 1 and uses[id(child)] == 1):
-                affine = _check(child, prev[1], prev[0])
+            if _is_foldable_kind(child) and prev is not None and isinstance(prev[1], _INTO):
+                reason = alone.get(id(child)) or alone.get(id(prev[1]))
+                affine = reason if reason is not None else _check(child, prev[1], prev[0])
                 if isinstance(affine, str):
                     kept[full] = affine
                 else:

@@ -139,7 +139,11 @@ class _LpBatchNormFn(torch.autograd.Function):
             scale = vals.mean(1) * const
         var = scale * scale
         pdt = weight.dtype if weight is not None else bias.dtype if bias is not None else acc
-        y = torch.batch_norm(x, weight, bias, mu.to(pdt), var.to(pdt), False, 0.0, eps, False)
+        if pdt in (torch.float16, torch.bfloat16):  # var = scale**2 overflows float16 beyond scale 256
+            pdt = torch.float32
+        w = None if weight is None else weight.to(pdt)
+        b = None if bias is None else bias.to(pdt)
+        y = torch.batch_norm(x, w, b, mu.to(pdt), var.to(pdt), False, 0.0, eps, False)
         rstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mu, scale, rstd, *topk_state)
         ctx.k, ctx.const, ctx.n, ctx.eps, ctx.bias_dtype = k, const, n, eps, (
@@ -202,6 +206,11 @@ def lp_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | 
     ``(1 - momentum) * running + momentum * (mu, s**2)``. Eval: ``F.batch_norm`` on the running
     statistics. ``const`` defaults to ``sqrt(pi/2)`` for L1 and the paper's ``C(n)`` for top-k.
     """
+    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor of shape (N, C, ...), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an int >= 0 (0: L1 batch norm, 1: L-infinity), got {k!r}")
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("lp_batch_norm in eval mode needs running_mean and running_var")
@@ -218,8 +227,9 @@ def lp_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | 
     y, mu, var = _LpBatchNormFn.apply(x, weight, bias, eps, k, const)
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
-            running_mean.lerp_(mu.to(running_mean.dtype), momentum)
-            running_var.lerp_(var.to(running_var.dtype), momentum)
+            # In the statistics' precision, then rounded: var may overflow float16 where the average does not.
+            running_mean.copy_(running_mean.to(mu.dtype).lerp_(mu, momentum))
+            running_var.copy_(running_var.to(var.dtype).lerp_(var, momentum))
     return y
 
 
@@ -269,16 +279,17 @@ class _LpBatchNorm(nn.Module):
         if not self.training:
             return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                                     False, 0.0, self.eps, False)
+        n = x.numel() // x.shape[1]
+        if n < 2:  # before any state changes: a caught error leaves the running statistics as they were
+            raise ValueError(f"expected more than 1 value per channel when training, got input of shape "
+                             f"{tuple(x.shape)}")
+        const = self._constant(n)  # top-k: raises when k > n, also before the batch is counted
         self.num_batches_tracked.add_(1)
         momentum = self.momentum
         if momentum is None:  # cumulative moving average, as nn.BatchNorm
             momentum = 1.0 / float(self.num_batches_tracked)
-        n = x.numel() // x.shape[1]
-        if n < 2:
-            raise ValueError(f"expected more than 1 value per channel when training, got input of shape "
-                             f"{tuple(x.shape)}")
         return lp_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
-                             momentum, self.eps, self._k, self._constant(n))
+                             momentum, self.eps, self._k, const)
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[Tensor, Tensor]:

@@ -278,8 +278,13 @@ def _apply_nf(handle: Handle, gamma: float | str = 1.0, eps: float = 1e-4, clip:
     parameters).
     """
     model = handle.model
+    # Every option is checked before the model is touched: a bad one leaves it as it was.
     if not (isinstance(clip, (int, float)) and clip >= 0):
         raise ValueError(f"nf: clip must be a number >= 0 (0 turns AGC off), got {clip!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"nf: eps must be a number > 0 (added to var * fan_in in the weight standardization), got {eps!r}")
+    if not (isinstance(agc_eps, (int, float)) and agc_eps >= 0):
+        raise ValueError(f"nf: agc_eps must be a number >= 0 (AGC's lower bound on the weight norm), got {agc_eps!r}")
     g = _gamma_value(gamma)
     heads = _resolve_head(model, head, "nf: head")
     head_ids = {id(sub) for _, m in heads for sub in m.modules()}

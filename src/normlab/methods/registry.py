@@ -182,7 +182,8 @@ def norm_layer(name: str, num_features: int, dims: int | None = 2, **options) ->
 
 
 def _features_and_dims(module: nn.Module) -> tuple[int, int | None]:
-    dims = _NORM_TYPES.get(type(module))
+    # The registered type itself or its nearest registered base (a subclass of nn.BatchNorm2d).
+    dims = next((_NORM_TYPES[c] for c in type(module).__mro__ if c in _NORM_TYPES), None)
     if dims is None:
         dims = getattr(module, "spatial_dims", None)
     for attr in ("num_features", "num_channels"):
@@ -196,15 +197,22 @@ def swap_norms(model: nn.Module, factory: Callable[[int, int | None], nn.Module]
 
     Finds ``BatchNorm*d`` and every registered normalization type at any depth (nested modules,
     ``nn.Sequential``, ``nn.ModuleList``/``ModuleDict``), keeps channel counts, device and dtype,
-    and returns the qualified names of the replaced layers. The root module itself is not replaced.
+    and returns the qualified names of the replaced layers (the first name of a layer reachable
+    under several). The root module itself is not replaced.
     """
     types = norm_types()
-    targets = [(name, m) for name, m in model.named_modules() if name and isinstance(m, types)]
+    # Every name, aliases too: a layer reachable under two names (self.bn and self.blocks[0]) is
+    # replaced under both, by one new layer. All replacements are built before any is put in, so a
+    # factory that fails leaves the model as it was.
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name and isinstance(m, types)]
+    new_of: dict[int, nn.Module] = {}
     for name, old in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        num_features, dims = _features_and_dims(old)
-        new = factory(num_features, dims)
+        if id(old) in new_of:
+            continue
+        try:
+            new = factory(*_features_and_dims(old))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"cannot replace {name} ({type(old).__name__}): {e}") from None
         ref = next(old.parameters(), None)
         if ref is None:
             ref = next(old.buffers(), None)
@@ -213,8 +221,14 @@ def swap_norms(model: nn.Module, factory: Callable[[int, int | None], nn.Module]
             if ref.is_floating_point():
                 new = new.to(dtype=ref.dtype)
         new.train(old.training)
-        setattr(parent, child, new)
-    return [name for name, _ in targets]
+        new_of[id(old)] = new
+    firsts: dict[int, str] = {}
+    for name, old in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new_of[id(old)])
+        firsts.setdefault(id(old), name)
+    return list(firsts.values())
 
 
 def _swap_apply(handle: Handle, name: str, layer: Callable[..., nn.Module], options: dict) -> None:
