@@ -42,7 +42,26 @@ def test_divergence_is_recorded_with_last_finite_values():
     assert res.curve[-1]["step"] < res.diverged_at
 
 
-def test_checkpoint_resume_gives_the_same_numbers(tmp_path):
+@pytest.mark.parametrize("steps,every", [(50, 1), (2, 5)])
+def test_divergence_at_an_evaluation_or_the_last_step_is_recorded(steps, every):
+    # The update of an evaluated step blows up: its test loss is NaN. Recorded as diverged there,
+    # never as a finished run with a NaN row.
+    res = train(RunConfig(model="mlp", method="none", steps=steps, eval_every=every, lr=1e4))
+    assert res.diverged_at is not None
+    assert all(math.isfinite(r["test_loss"]) for r in res.curve)
+    assert res.curve[-1]["step"] < res.diverged_at
+
+
+def test_an_unreadable_checkpoint_starts_the_run_over(tmp_path):
+    cfg = RunConfig(model="mlp", method="none", steps=6, eval_every=3)
+    ckpt = tmp_path / "run.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="cannot be read"):
+        res = train(cfg, checkpoint=str(ckpt))
+    assert res.curve == train(cfg).curve and not ckpt.exists()
+
+
+def test_checkpoint_resume_gives_the_same_numbers(tmp_path, monkeypatch):
     cfg = RunConfig(method="bn_shift", steps=40, eval_every=10, seed=5, optimizer="adam", lr=1e-3)
     full = train(cfg)
     ckpt = tmp_path / "run.pt"
@@ -56,16 +75,21 @@ def test_checkpoint_resume_gives_the_same_numbers(tmp_path):
 
     with pytest.raises(Stop):
         train(cfg, on_eval=stop_at_20, checkpoint=str(ckpt))
-    # the checkpoint of step 20 is written before on_eval? it is written after; step 10 exists for sure
-    assert ckpt.exists()
+    assert ckpt.exists()  # written at step 10 (and at 20 before on_eval stops it)
+    # Count the steps the resumed call trains: a restart from scratch would give the same curve (the
+    # run is deterministic), so the curve alone cannot tell that it resumed.
+    trained, real = [], Sampler.__call__
+    monkeypatch.setattr(Sampler, "__call__", lambda self, step: trained.append(step) or real(self, step))
     resumed = train(cfg, checkpoint=str(ckpt))
     assert resumed.curve == full.curve
+    assert trained[0] in (10, 20) and len(trained) == 40 - trained[0]
     assert not ckpt.exists()
 
 
 @pytest.mark.parametrize("bad,match", [
     (dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(optimizer="lbfgs"), "optimizer"),
     (dict(model="resnet"), "model"), (dict(dataset="cifar"), "dataset"), (dict(batch_size=2.5), "batch_size"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite"), (dict(momentum=float("inf")), "momentum"),
 ])
 def test_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):

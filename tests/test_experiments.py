@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from normlab import cli
 from normlab.experiments import SpecError, Store, build_report, bundled, load, override, run_experiment
@@ -63,6 +64,12 @@ def test_mnist_cnn_defaults_are_the_papers_budget():
      "std_loss: weight must be a finite number >= 0, got nan"),
     ({"methods": ["none", "std_loss"], "grid": {"std_loss.weight": [1.0, -1.0]}},
      "std_loss std_loss.weight=-1: weight must be a finite number >= 0, got -1.0"),
+    ({"methods": ["none", "none"]}, "lists a method twice"),
+    ({"methods": ["none"], "seeds": [0, 0]}, "distinct non-negative integers"),
+    ({"methods": ["none"], "grid": {"lr": [0.1, 0.1]}}, "distinct values"),
+    ({"methods": ["none"], "run": {"batch_size": 60001}}, "batch_size 60001 exceeds the 60000 training examples"),
+    ({"methods": ["none", "bn"], "run": {"model": "mlp", "batch_size": 1}},
+     "bn: batch_size 1: Expected more than 1 value per channel"),
 ])
 def test_validation_errors_name_the_key(raw, match):
     with pytest.raises(SpecError, match=match):
@@ -312,3 +319,39 @@ def test_plots_leave_diverged_runs_out_of_means(tmp_path, monkeypatch):
     sweep_runs = [run(0, "done", [0.1, 0.9]), run(1, "diverged", [0.1]), run(0, "done", [0.1, 0.5], weight=1.0)]
     report._plot_sweep({"grid": {"std_loss.weight": [1.0]}, "methods": ["none", "std_loss"]}, sweep_runs, tmp_path)
     assert levels == [pytest.approx(90.0)]
+
+
+def test_reusing_a_folder_reports_only_the_last_experiment(tmp_path, monkeypatch, capsys):
+    # The second command (other settings, same folder) must not average the first one's runs in; a
+    # folder named like the bundled experiment is not mistaken for an experiment file.
+    monkeypatch.chdir(tmp_path)
+    base = ["reproduce", "mnist-mlp", "--methods", "none", "--seeds", "1", "--workers", "0", "--no-progress",
+            "--out", "mnist-mlp"]
+    assert cli.main(base + ["--steps", "4"]) == 0
+    assert cli.main(base + ["--steps", "6"]) == 0
+    text = (tmp_path / "mnist-mlp" / "report.md").read_text()
+    assert "| none | 1 |" in text and "6 steps" in text and "1 older run(s) in this folder" in text
+    assert len(json.loads((tmp_path / "mnist-mlp" / "runs.json").read_text())) == 1
+
+
+def test_in_process_runs_use_the_workers_thread_count(tmp_path, monkeypatch):
+    from normlab import engine
+
+    seen, real = [], engine.train
+    monkeypatch.setattr(engine, "train", lambda cfg, *a, **k: seen.append(torch.get_num_threads()) or real(cfg, *a, **k))
+    torch.set_num_threads(2)
+    exp = validate({"methods": ["none"], "seeds": 1, "run": {"model": "mlp", "steps": 2}}, "t")
+    run_experiment(exp, tmp_path, workers=0, progress=False).close()
+    assert seen == [1] and torch.get_num_threads() == 2
+
+
+def test_every_run_failing_prints_the_summary_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from normlab import engine
+
+    def boom(cfg, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine, "train", boom)
+    spec = _write_tiny(tmp_path, steps=2, every=1)
+    assert cli.main(["run", str(spec), "--out", str(tmp_path / "out"), "--workers", "0", "--no-progress"]) == 1
+    assert "4 of 4 runs failed" in capsys.readouterr().err

@@ -64,7 +64,8 @@ def _run(args: argparse.Namespace, target: str) -> int:
     with run_experiment(exp, out, workers=args.workers, progress=not args.no_progress) as store:
         missing = len({r.id for r in exp.runs()} - store.done_ids())
     print(f"finished in {time.perf_counter() - start:.1f} s wall time", file=sys.stderr)
-    build_report(out)
+    if missing < n:  # with every run failed there is nothing to report
+        build_report(out)
     if missing:
         print(f"normlab: {missing} of {n} runs failed (errors above) and are not in the report; run the same "
               "command again to retry them", file=sys.stderr)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -59,8 +61,10 @@ class RunConfig:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if self.weight_decay < 0 or self.momentum < 0:
-            raise ValueError("weight_decay and momentum must be >= 0")
+        for key in ("weight_decay", "momentum"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.model not in models.MODELS:
@@ -201,10 +205,27 @@ def environment() -> dict:
 
 
 def _save_checkpoint(path: str, state: dict) -> None:
-    # Atomic: a kill during the write leaves the previous checkpoint intact.
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # Atomic: a kill during the write leaves the previous checkpoint intact; the temporary file is
+    # the writer's own, so two processes on one path cannot interleave their bytes.
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_checkpoint(path: str) -> dict | None:
+    # A checkpoint that cannot be read (truncated, not ours) is reported and dropped: the run starts
+    # over instead of failing on every retry.
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file, whatever torch.load raises
+        warnings.warn(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); starting the run over")
+        os.remove(path)
+        return None
 
 
 def train(cfg: RunConfig, data: data_mod.Dataset | None = None, *,
@@ -214,7 +235,8 @@ def train(cfg: RunConfig, data: data_mod.Dataset | None = None, *,
 
     The test set is evaluated at step 0, every ``cfg.eval_every`` steps and at the last step.
     A non-finite loss stops the run: it is recorded as diverged at that step, the curve keeping the
-    last finite values. ``on_eval(row)`` is called with each curve row (progress reporting).
+    last finite values; so is a run whose test loss at an evaluation is not finite (the update
+    before it diverged). ``on_eval(row)`` is called with each curve row (progress reporting).
 
     With ``checkpoint`` (a file path) the full training state (model, optimizer, curve, RNG) is
     saved atomically at every evaluation, and a run started with an existing checkpoint of the same
@@ -230,9 +252,9 @@ def train(cfg: RunConfig, data: data_mod.Dataset | None = None, *,
     curve: list[dict] = []
     window = {"loss": 0.0, "aux": 0.0, "correct": 0, "seen": 0, "steps": 0}
     start, elapsed, first = time.perf_counter(), 0.0, 1
-    if checkpoint and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=False)
-        if state["config"] == cfg.to_dict():
+    state = _load_checkpoint(checkpoint) if checkpoint and os.path.exists(checkpoint) else None
+    if state is not None:
+        if state.get("config") == cfg.to_dict():
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
@@ -241,8 +263,11 @@ def train(cfg: RunConfig, data: data_mod.Dataset | None = None, *,
                 for row in curve:
                     on_eval(row)
 
-    def record(step: int) -> None:
+    def record(step: int) -> bool:
+        # False when the test loss is not finite: the update of this step diverged (the row is dropped).
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y, channels_last=channels_last)
+        if not math.isfinite(test_loss):
+            return False
         k = window["steps"]
         row = {"step": step,
                "loss": window["loss"] / k if k else None,
@@ -260,10 +285,11 @@ def train(cfg: RunConfig, data: data_mod.Dataset | None = None, *,
                 "config": cfg.to_dict(), "step": step, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "curve": curve,
                 "elapsed": elapsed + time.perf_counter() - start})
+        return True
 
-    if first == 1:
-        record(0)
     diverged_at = None
+    if first == 1 and not record(0):
+        diverged_at, first = 0, cfg.steps + 1
     for step in range(first, cfg.steps + 1):
         idx = sample(step - 1)
         x, y = _prepare(data.train_x[idx], channels_last), data.train_y[idx]
@@ -285,8 +311,9 @@ def train(cfg: RunConfig, data: data_mod.Dataset | None = None, *,
         window["correct"] += int((out.argmax(1) == y).sum())
         window["seen"] += len(y)
         window["steps"] += 1
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            record(step)
+        if (step % cfg.eval_every == 0 or step == cfg.steps) and not record(step):
+            diverged_at = step
+            break
     handle.remove()
     if checkpoint and os.path.exists(checkpoint):
         os.remove(checkpoint)

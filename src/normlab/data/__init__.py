@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "ChecksumError", "DataError", "load", "fetch", "DATASETS", "MEAN_STD"]
+__all__ = ["Dataset", "ChecksumError", "DataError", "load", "fetch", "DATASETS", "MEAN_STD", "TRAIN_SIZES"]
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -49,6 +49,9 @@ MIRRORS: dict[str, tuple[str, ...]] = {
     "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
     "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
 }
+
+# Training-set sizes (checked when an experiment is validated, before any data is loaded).
+TRAIN_SIZES: dict[str, int] = {"mnist": 60000, "fashion-mnist": 60000}
 
 # Training-set pixel mean and std on the 0..1 scale.
 MEAN_STD: dict[str, tuple[float, float]] = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}

@@ -58,12 +58,20 @@ def _paired_speedup(base_runs: list[dict], runs: list[dict]) -> metrics.Aggregat
                              if r["seed"] in by_seed and r["status"] == "done")
 
 
+def _current(store: Store) -> list[dict]:
+    """The stored runs of the experiment last run into the folder: a folder reused with other
+    settings (steps, seeds, methods) keeps the older runs, which must not be averaged in."""
+    ids = store.meta("run_ids", None)
+    runs = store.runs()
+    return runs if ids is None else [r for r in runs if r["id"] in set(ids)]
+
+
 def summarize(store: Store) -> list[dict]:
     """One row per group: counts, final accuracy aggregate, paper figure, speed-up aggregate."""
     exp = store.meta("experiment", {}) or {}
     baseline = exp.get("baseline")
     paper = exp.get("paper", {})
-    groups = _groups(store.runs(), exp.get("methods"))
+    groups = _groups(_current(store), exp.get("methods"))
     rows = []
     for name, runs in groups.items():
         method = runs[0]["method"]
@@ -330,9 +338,10 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
     if not (folder / "runs.db").exists():
         raise FileNotFoundError(f"{folder} has no runs.db: run an experiment into it first (normlab run FILE --out {folder})")
     store = Store(folder)
-    runs = store.runs()
+    runs = _current(store)
     if not runs:
-        raise ValueError(f"{folder}/runs.db holds no finished runs yet")
+        raise ValueError(f"{folder}/runs.db holds no finished runs of its last experiment yet")
+    others = len(store.runs()) - len(runs)
     exp = store.meta("experiment", {}) or {}
     rows = summarize(store)
     groups = _groups(runs, exp.get("methods"))
@@ -350,7 +359,8 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
     md += [f"Budget: model {cfg['model']}, dataset {cfg['dataset']}, {cfg['steps']} steps, batch {cfg['batch_size']}, "
            f"{cfg['optimizer']} lr {cfg['lr']}{swept}, weight decay {cfg['weight_decay']}, test set evaluated every "
            f"{cfg['eval_every']} steps; {len(runs)} runs, {sum(r['wall_s'] or 0 for r in runs):.0f} s of training "
-           f"in all ({runs[0]['env'].get('threads', '?')} thread(s) per run, torch {runs[0]['env'].get('torch', '?')}).",
+           f"in all ({runs[0]['env'].get('threads', '?')} thread(s) per run, torch {runs[0]['env'].get('torch', '?')})"
+           + (f"; {others} older run(s) in this folder, from other settings, are left out." if others else "."),
            "", "## Final test accuracy and speed-up", "", table(rows), "",
            "Final accuracy: mean over the runs that did not diverge (a diverged run is counted, not averaged). "
            "Speed-up: per seed, the steps the baseline needs to reach its best test accuracy divided by the steps "
@@ -402,7 +412,7 @@ def export_tensorboard(folder: str | Path, logdir: str | Path | None = None) -> 
     folder = Path(folder)
     logdir = Path(logdir) if logdir is not None else folder / "tensorboard"
     with Store(folder) as store:
-        for run in store.runs():
+        for run in _current(store):
             tag = run["grp"].replace(" ", "_").replace("=", "-")
             with SummaryWriter(str(logdir / tag / f"seed{run['seed']}")) as w:
                 for row in run["curve"]:

@@ -137,6 +137,7 @@ def validate(raw: dict, name: str = "experiment") -> Experiment:
     import torch
 
     from .. import models
+    from ..data import TRAIN_SIZES
     from ..methods.registry import apply, get_method, parse_spec
 
     _expect(isinstance(raw, dict), f"{name}: the file must be a TOML table")
@@ -144,6 +145,7 @@ def validate(raw: dict, name: str = "experiment") -> Experiment:
     methods = raw.get("methods")
     _expect(isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods),
             f"{name}: 'methods' must be a non-empty list of method names, e.g. [\"none\", \"std_loss\"]")
+    _expect(len(set(methods)) == len(methods), f"{name}: 'methods' lists a method twice: {methods}")
     for m in methods:
         try:
             parse_spec(m)
@@ -155,8 +157,9 @@ def validate(raw: dict, name: str = "experiment") -> Experiment:
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         _expect(seeds >= 1, f"{name}: 'seeds' must be >= 1, got {seeds}")
         seeds = list(range(seeds))
-    _expect(isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds),
-            f"{name}: 'seeds' must be a count or a list of non-negative integers, got {seeds!r}")
+    _expect(isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds)
+            and len(set(seeds)) == len(seeds),
+            f"{name}: 'seeds' must be a count or a list of distinct non-negative integers, got {seeds!r}")
     run = raw.get("run", {})
     _expect(isinstance(run, dict), f"{name}: [run] must be a table")
     _check_keys(f"{name}: [run]", run, RUN_KEYS)
@@ -171,7 +174,8 @@ def validate(raw: dict, name: str = "experiment") -> Experiment:
     grid = raw.get("grid", {})
     _expect(isinstance(grid, dict), f"{name}: [grid] must be a table of lists")
     for key, values in grid.items():
-        _expect(isinstance(values, list) and values, f"{name}: [grid] {key!r} must be a non-empty list")
+        _expect(isinstance(values, list) and values and len({json.dumps(v) for v in values}) == len(values),
+                f"{name}: [grid] {key!r} must be a non-empty list of distinct values, got {values!r}")
         if "." in key:
             method, opt = key.split(".", 1)
             _expect(method in all_parts, f"{name}: [grid] {key!r}: method {method!r} is not in methods {methods}")
@@ -198,15 +202,22 @@ def validate(raw: dict, name: str = "experiment") -> Experiment:
     built: set[str] = set()
     for r in runs:
         c = r.config
-        key = json.dumps([c.model, c.model_options, c.method, c.method_options], sort_keys=True, default=repr)
+        size = TRAIN_SIZES[c.dataset]
+        _expect(c.batch_size <= size, f"{name}: {r.group}: batch_size {c.batch_size} exceeds the {size} "
+                f"training examples of {c.dataset}")
+        key = json.dumps([c.model, c.model_options, c.method, c.method_options, min(c.batch_size, 2)],
+                         sort_keys=True, default=repr)
         if key in built:
             continue
         built.add(key)
-        try:
+        try:  # build it, and one forward pass and auxiliary loss on a batch as small as the runs' (<= 2)
             with torch.random.fork_rng(devices=[]):
-                apply(models.build(c.model, norm="bn", **c.model_options), c.method, **c.method_options).remove()
-        except (TypeError, ValueError) as e:
-            raise SpecError(f"{name}: {r.group}: {e}") from None
+                handle = apply(models.build(c.model, norm="bn", **c.model_options), c.method, **c.method_options)
+                handle.model(torch.zeros(min(c.batch_size, 2), 1, 28, 28)).sum().add(handle.aux_loss())
+                handle.remove()
+        except (TypeError, ValueError, RuntimeError) as e:
+            at = f"batch_size {c.batch_size}: " if c.batch_size < 2 else ""  # torch's batch-of-one refusals
+            raise SpecError(f"{name}: {r.group}: {at}{e}") from None
     return exp
 
 
@@ -225,6 +236,7 @@ def override(exp: Experiment, *, seeds: int | None = None, methods: list[str] | 
             raw["grid"] = q.pop("grid")
         raw["run"].update(q)
     if methods is not None:
+        _expect(bool(methods), f"{exp.name}: --methods names no method; give e.g. none,std_loss")
         raw["methods"] = methods
         if raw["baseline"] not in methods:
             raw["baseline"] = methods[0]
@@ -256,7 +268,7 @@ def bundled() -> dict[str, str]:
 def load(name_or_path: str | Path) -> Experiment:
     """Load an experiment file by path, or a bundled experiment by name (see :func:`bundled`)."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
+    if path.suffix == ".toml" or path.is_file():  # a folder named like a bundled experiment is not one
         _expect(path.is_file(), f"experiment file {str(path)!r} does not exist")
         text, name = path.read_text(), path.stem
     else:

@@ -21,6 +21,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from .spec import Experiment, Run
 from .store import Store
 
@@ -89,6 +91,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
     store = Store(out)
     store.set_meta("experiment", exp.to_dict())
     runs = exp.runs()
+    store.set_meta("run_ids", [r.id for r in runs])  # the report covers these, not older runs in the folder
     done = store.done_ids()
     pending: list[Run] = [r for r in runs if r.id not in done]
     ckpt_dir = out / "checkpoints"
@@ -124,11 +127,16 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
     if n_workers == 0:
         q: mp.Queue = queue.Queue()  # type: ignore[assignment]
         _init_progress_local(q)
-        for run in pending:
-            finish(*_work(run.id, asdict(run.config), str(ckpt_dir / f"{run.id}.pt")))
-            while not q.empty():
-                bar.update(q.get())
-        bar.close()
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)  # as a worker has it: a run's numbers depend on the thread count
+        try:
+            for run in pending:
+                finish(*_work(run.id, asdict(run.config), str(ckpt_dir / f"{run.id}.pt")))
+                while not q.empty():
+                    bar.update(q.get())
+        finally:
+            torch.set_num_threads(before)
+            bar.close()
         return _report_failures(store, failures)
 
     ctx = mp.get_context("spawn")
