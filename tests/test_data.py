@@ -122,3 +122,10 @@ def test_another_datasets_file_is_named_as_such(tmp_path):
     shutil.copytree(BUNDLED, tmp_path, dirs_exist_ok=True)
     with pytest.raises(data.ChecksumError, match="this is mnist's train-images-idx3-ubyte, not the file expected"):
         data.load("fashion-mnist", root=tmp_path)
+
+
+def test_a_normlab_data_folder_without_the_dataset_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMLAB_DATA", str(tmp_path))
+    monkeypatch.setattr(data, "_MEMO", {})
+    with pytest.warns(UserWarning, match="NORMLAB_DATA=.* holds no complete copy of mnist"):
+        assert data.load("mnist", progress=False).source.startswith("bundled")

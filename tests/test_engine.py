@@ -90,6 +90,7 @@ def test_checkpoint_resume_gives_the_same_numbers(tmp_path, monkeypatch):
     (dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(optimizer="lbfgs"), "optimizer"),
     (dict(model="resnet"), "model"), (dict(dataset="cifar"), "dataset"), (dict(batch_size=2.5), "batch_size"),
     (dict(weight_decay=float("nan")), "weight_decay must be a finite"), (dict(momentum=float("inf")), "momentum"),
+    (dict(optimizer="adam", momentum=0.9), "momentum applies to sgd only"),
 ])
 def test_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -105,6 +105,11 @@ def test_bad_option_value_stops_before_any_run():
         override(load("mnist-cnn"), weight=float("nan"))
 
 
+def test_weight_override_without_std_loss_names_the_option():
+    with pytest.raises(SpecError, match="--weight sets the standardization-loss weight, but none of the methods"):
+        override(load("mnist-cnn"), methods=["none", "bn"], weight=0.5)
+
+
 def test_bad_worker_count(tmp_path, capsys):
     exp = validate({"methods": ["none"], "seeds": 1, "run": {"model": "mlp", "steps": 2}}, "w")
     with pytest.raises(ValueError, match="workers must be an int >= 0"):

@@ -62,6 +62,8 @@ def test_aggregate_mean_std_ci_and_missing():
     assert a.format(digits=2, unit="x") == "2.00 ± 1.00x (1/4 never reached)"
     none = aggregate([None, None])
     assert none.mean is None and none.format(unit="x") == "never reached"
+    with pytest.raises(ValueError, match="confidence must be in"):
+        aggregate([1.0, 2.0], confidence=1.5)
     single = aggregate([0.5])
     assert single.std is None and single.format(100) == "50.0"
 

@@ -67,6 +67,8 @@ class RunConfig:
                 raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"momentum applies to sgd only ({self.optimizer} has its own betas); leave it 0")
         if self.model not in models.MODELS:
             raise ValueError(f"model must be one of {sorted(models.MODELS)}, got {self.model!r}")
         if not all(isinstance(q, (int, float)) and 0 <= q <= 100 for q in self.percentiles):

@@ -57,7 +57,8 @@ def speedup(baseline: Curve, method: Curve, target: float | None = None, key: st
 
     ``a`` defaults to the baseline's best accuracy (the paper's headline). ``None`` when the method
     never reaches ``a`` (or the baseline does not); a value above 1 means the method is faster.
-    A target reached at step 0 by both counts as a speed-up of 1; a method already at the target at
+    A target reached at step 0 by both counts as a speed-up of 1, by the baseline alone as 0 (it
+    needed no training, the method some); a method already at the target at
     step 0 while the baseline needs training counts as reaching it at its first evaluation after
     step 0 (a lower bound, the finest the curve can resolve).
     """
@@ -127,6 +128,8 @@ class Aggregate:
 
 def aggregate(values: Iterable[float | None], confidence: float = 0.95) -> Aggregate:
     """Aggregate values over seeds: mean, std (ddof=1) and the t-interval ``mean ± t * std / sqrt(n)``."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95, got {confidence!r}")
     vals = list(values)
     present = [float(v) for v in vals if v is not None]
     missing = len(vals) - len(present)

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
@@ -181,6 +182,9 @@ def _locate(name: str, root: str | os.PathLike | None, download: bool, progress:
         paths = [_find(folder, name, f) for f in FILES]
         if all(paths):
             return paths, f"{label}: {folder}"  # type: ignore[return-value]
+        if label == "NORMLAB_DATA":  # set, so meant to be used: say why it is not
+            warnings.warn(f"NORMLAB_DATA={folder} holds no complete copy of {name} (looked in {folder / name} "
+                          f"and {folder}); looking further")
     if not download:
         raise FileNotFoundError(f"{name} is in none of {[str(c[0]) for c in candidates]} and download=False")
     cache = _cache_dir() / name

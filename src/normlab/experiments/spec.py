@@ -247,6 +247,9 @@ def override(exp: Experiment, *, seeds: int | None = None, methods: list[str] | 
         raw["seeds"] = seeds
     weight = run.pop("weight", None)
     if weight is not None:
+        _expect(any("std_loss" in m.split("+") for m in raw["methods"]),
+                f"{exp.name}: --weight sets the standardization-loss weight, but none of the methods "
+                f"{raw['methods']} uses std_loss")
         raw["options"].setdefault("std_loss", {})["weight"] = weight
         raw["grid"].pop("std_loss.weight", None)
     for key, value in run.items():

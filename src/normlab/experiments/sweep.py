@@ -96,6 +96,8 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
     pending: list[Run] = [r for r in runs if r.id not in done]
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
+    for stale in ckpt_dir.glob("*.tmp"):  # a checkpoint write cut short by a kill
+        stale.unlink(missing_ok=True)
     total = sum(r.config.steps for r in pending)
     skipped = len(runs) - len(pending)
     if skipped and progress:
@@ -125,16 +127,14 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
             bar.write(f"run {run.group} seed {run.config.seed} diverged at step {result['diverged_at']}", file=sys.stderr)
 
     if n_workers == 0:
-        q: mp.Queue = queue.Queue()  # type: ignore[assignment]
-        _init_progress_local(q)
+        _init_progress_local(_Direct(bar))  # the bar moves at every evaluation, not only between runs
         before = torch.get_num_threads()
         torch.set_num_threads(threads)  # as a worker has it: a run's numbers depend on the thread count
         try:
             for run in pending:
                 finish(*_work(run.id, asdict(run.config), str(ckpt_dir / f"{run.id}.pt")))
-                while not q.empty():
-                    bar.update(q.get())
         finally:
+            _init_progress_local(None)
             torch.set_num_threads(before)
             bar.close()
         return _report_failures(store, failures)
@@ -162,6 +162,13 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
         bar.close()
     pool.shutdown()
     return _report_failures(store, failures)
+
+
+class _Direct:
+    """The progress queue of an in-process sweep: ``put`` moves the bar at once."""
+
+    def __init__(self, bar) -> None:
+        self.put = bar.update
 
 
 def _init_progress_local(q) -> None:
