@@ -60,10 +60,14 @@ def _patch_moments(module: nn.Module, x: Tensor) -> PatchMoments | None:
     return patch_moments(x, module.weight, module.bias, module.stride, padding, module.dilation)
 
 
+# -1 outside a backward pass (a private torch function, present since 2.0; without it, assume outside)
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def _recording() -> bool:
     # Gradients on, and not inside a backward pass: activation checkpointing runs a segment's forward
     # again during backward, and those outputs must not be recorded as the next step's.
-    return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+    return torch.is_grad_enabled() and _graph_task_id() == -1
 
 
 class StandardizationLoss:
