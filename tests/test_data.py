@@ -1,5 +1,6 @@
 import gzip
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -128,4 +129,8 @@ def test_a_normlab_data_folder_without_the_dataset_is_reported(tmp_path, monkeyp
     monkeypatch.setenv("NORMLAB_DATA", str(tmp_path))
     monkeypatch.setattr(data, "_MEMO", {})
     with pytest.warns(UserWarning, match="NORMLAB_DATA=.* holds no complete copy of mnist"):
+        assert data.load("mnist").source.startswith("bundled")
+    data._MEMO.clear()
+    with warnings.catch_warnings():  # progress=False (sweep workers): the parent has said it already
+        warnings.simplefilter("error")
         assert data.load("mnist", progress=False).source.startswith("bundled")

@@ -360,3 +360,28 @@ def test_every_run_failing_prints_the_summary_not_a_traceback(tmp_path, monkeypa
     spec = _write_tiny(tmp_path, steps=2, every=1)
     assert cli.main(["run", str(spec), "--out", str(tmp_path / "out"), "--workers", "0", "--no-progress"]) == 1
     assert "4 of 4 runs failed" in capsys.readouterr().err
+
+
+def test_validation_accepts_top_k_batch_norm_at_the_runs_batch_size():
+    # The dry forward of validate runs at the runs' batch size: top-k BN needs k values per channel.
+    validate({"methods": ["none", "topkbn"], "run": {"model": "mlp", "batch_size": 128}}, "t")
+    with pytest.raises(SpecError, match="k=10 needs at least k values per channel, got 8"):
+        validate({"methods": ["none", "topkbn"], "run": {"model": "mlp", "batch_size": 8}}, "t")
+
+
+def test_report_survives_a_group_that_diverged_at_step_0(tmp_path, monkeypatch):
+    # engine.train ends a run whose test loss is already NaN at step 0 with an empty curve.
+    from normlab import engine
+
+    real = engine.train
+
+    def nan_at_start(cfg, *args, **kwargs):
+        if cfg.method == "bn":
+            return engine.RunResult(cfg.to_dict(), [], 0, 0.0, engine.environment())
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train", nan_at_start)
+    exp = validate({"methods": ["none", "bn"], "seeds": 2, "run": {"model": "mlp", "steps": 4, "eval_every": 2}}, "t")
+    run_experiment(exp, tmp_path, workers=0, progress=False).close()
+    build_report(tmp_path)
+    assert "| bn | 2 | diverged |" in (tmp_path / "report.md").read_text()

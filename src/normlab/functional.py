@@ -125,7 +125,7 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
         # Shift every patch entry, the zero padding too, by its input channel's mean: the covariance
         # is unchanged and the float32 second moments below lose no precision to large means.
         xs = x.detach().transpose(0, 1)  # (C_in, N, *spatial): the patch index (C_in, *kernel) leads
-        shift = xs.reshape(xs.shape[0], -1).mean(1) if xs.shape[0] > 1 else xs.mean().reshape(1)
+        shift = x.detach().mean((0, *range(2, x.dim())))
         shift_b = shift.view(-1, *(1,) * (d + 1))
         xs = F.pad(xs, [p for p in reversed(padding) for _ in (0, 1)]).sub_(shift_b) if any(padding) else xs - shift_b
         out = [(size - dil * (k - 1) - 1) // st + 1
@@ -145,7 +145,7 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
         patches = view.reshape(-1, count)  # (K, N * prod(out)), one strided copy
         mean = patches.sum(1).div_(count)
         cov = torch.mm(patches, patches.T).div_(count).sub_(torch.outer(mean, mean))
-        mean += shift.repeat_interleave(math.prod(kernel)) if shift.numel() > 1 else shift
+        mean += shift.repeat_interleave(math.prod(kernel))
     return PatchMoments(weight, bias, mean, cov, count)
 
 

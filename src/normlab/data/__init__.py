@@ -182,7 +182,7 @@ def _locate(name: str, root: str | os.PathLike | None, download: bool, progress:
         paths = [_find(folder, name, f) for f in FILES]
         if all(paths):
             return paths, f"{label}: {folder}"  # type: ignore[return-value]
-        if label == "NORMLAB_DATA":  # set, so meant to be used: say why it is not
+        if label == "NORMLAB_DATA" and progress:  # set, so meant to be used: say why not (not in workers)
             warnings.warn(f"NORMLAB_DATA={folder} holds no complete copy of {name} (looked in {folder / name} "
                           f"and {folder}); looking further")
     if not download:

@@ -179,11 +179,13 @@ def _plot_speedup(groups: dict[str, list[dict]], rows: list[dict], path: Path) -
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for r in rows:
-        if r["speedup"] is None:
+        if r["speedup"] is None or r["speedup"].n == 0:
             continue
         base = groups[r["baseline"]]
         bs, bm, _ = metrics.mean_curve([x["curve"] for x in _plotted(base)], "test_acc")
         ms, mm, _ = metrics.mean_curve([x["curve"] for x in _plotted(groups[r["group"]])], "test_acc")
+        if not bs or not ms:  # a group that diverged at step 0 has no curve
+            continue
         curve = metrics.speedup_curve([{"step": s, "test_acc": v} for s, v in zip(bs, bm)],
                                       [{"step": s, "test_acc": v} for s, v in zip(ms, mm)])
         pts = [(c["baseline_step"], c["speedup"]) for c in curve if c["speedup"] is not None and math.isfinite(c["speedup"])]

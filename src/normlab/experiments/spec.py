@@ -205,15 +205,15 @@ def validate(raw: dict, name: str = "experiment") -> Experiment:
         size = TRAIN_SIZES[c.dataset]
         _expect(c.batch_size <= size, f"{name}: {r.group}: batch_size {c.batch_size} exceeds the {size} "
                 f"training examples of {c.dataset}")
-        key = json.dumps([c.model, c.model_options, c.method, c.method_options, min(c.batch_size, 2)],
-                         sort_keys=True, default=repr)
+        dry = min(c.batch_size, 1024)  # the runs' own batch (capped): top-k BN needs k values per channel
+        key = json.dumps([c.model, c.model_options, c.method, c.method_options, dry], sort_keys=True, default=repr)
         if key in built:
             continue
         built.add(key)
-        try:  # build it, and one forward pass and auxiliary loss on a batch as small as the runs' (<= 2)
+        try:  # build it, and one forward pass and auxiliary loss on a batch of the runs' size
             with torch.random.fork_rng(devices=[]):
                 handle = apply(models.build(c.model, norm="bn", **c.model_options), c.method, **c.method_options)
-                handle.model(torch.zeros(min(c.batch_size, 2), 1, 28, 28)).sum().add(handle.aux_loss())
+                handle.model(torch.zeros(dry, 1, 28, 28)).sum().add(handle.aux_loss())
                 handle.remove()
         except (TypeError, ValueError, RuntimeError) as e:
             at = f"batch_size {c.batch_size}: " if c.batch_size < 2 else ""  # torch's batch-of-one refusals
