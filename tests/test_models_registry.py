@@ -145,3 +145,12 @@ def test_swap_norms_replaces_every_alias_and_subclasses_and_is_all_or_nothing():
     with pytest.raises(ValueError, match=r"cannot replace 3 \(BatchNorm2d\)"):
         swap_norms(model, lambda nf, dims: nn.GroupNorm(4, nf))  # 6 channels, 4 groups
     assert type(model[1]) is nn.BatchNorm2d  # nothing replaced
+
+
+@pytest.mark.parametrize("name", ["bn", "bn_shift"])
+def test_batch_norm_options_are_checked_like_the_other_norms(name):
+    for bad, says in (({"momentum": 2.0}, "momentum must be in"), ({"momentum": 0}, "momentum must be in"),
+                      ({"eps": 0}, "eps must be")):
+        with pytest.raises(ValueError, match=says):
+            normlab.norm_layer(name, 8, 2, **bad)
+    assert normlab.norm_layer(name, 8, 2, momentum=None).momentum is None

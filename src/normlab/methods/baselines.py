@@ -21,13 +21,18 @@ def _bn_class(dims: int | None) -> type[nn.Module]:
     return _BN[dims]
 
 
-def batch_norm(num_features: int, dims: int | None = 2, eps: float = 1e-5, momentum: float = 0.1,
+def batch_norm(num_features: int, dims: int | None = 2, eps: float = 1e-5, momentum: float | None = 0.1,
                affine: bool = True, scale: bool = True) -> nn.Module:
     """``BatchNorm{1,2,3}d(num_features)``; ``scale=False`` drops gamma and keeps the shift beta.
 
     The shift-only layer is a plain ``nn.BatchNorm*d`` whose ``weight`` is ``None`` (PyTorch treats a
     missing weight as 1), so every tool that understands batch norm, folding included, handles it.
     """
+    if momentum is not None and not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
+        raise ValueError(f"momentum must be in (0, 1] (the weight of the newest batch) or None for a "
+                         f"cumulative average, got {momentum!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a number > 0, got {eps!r}")
     layer = _bn_class(dims)(num_features, eps=eps, momentum=momentum, affine=affine)
     if affine and not scale:
         del layer.weight
@@ -35,7 +40,7 @@ def batch_norm(num_features: int, dims: int | None = 2, eps: float = 1e-5, momen
     return layer
 
 
-def bn_shift(num_features: int, dims: int | None = 2, eps: float = 1e-5, momentum: float = 0.1) -> nn.Module:
+def bn_shift(num_features: int, dims: int | None = 2, eps: float = 1e-5, momentum: float | None = 0.1) -> nn.Module:
     """Batch norm with a learnable shift and no scale (the std-loss paper's MNIST BN baseline)."""
     return batch_norm(num_features, dims, eps=eps, momentum=momentum, scale=False)
 
