@@ -255,15 +255,14 @@ def train(cfg: RunConfig, data: data_mod.Dataset | None = None, *,
     window = {"loss": 0.0, "aux": 0.0, "correct": 0, "seen": 0, "steps": 0}
     start, elapsed, first = time.perf_counter(), 0.0, 1
     state = _load_checkpoint(checkpoint) if checkpoint and os.path.exists(checkpoint) else None
-    if state is not None:
-        if state.get("config") == cfg.to_dict():
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
-            curve, elapsed, first = state["curve"], state["elapsed"], state["step"] + 1
-            if on_eval is not None:
-                for row in curve:
-                    on_eval(row)
+    if state is not None and state.get("config") == cfg.to_dict():
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        curve, elapsed, first = state["curve"], state["elapsed"], state["step"] + 1
+        if on_eval is not None:
+            for row in curve:
+                on_eval(row)
 
     def record(step: int) -> bool:
         # False when the test loss is not finite: the update of this step diverged (the row is dropped).

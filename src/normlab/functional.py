@@ -108,9 +108,9 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
     Computes ``m = mean_p x_p`` and ``S = mean_p (x_p - m)(x_p - m)^T`` over the ``N * prod(out)``
     patches of ``x`` (without gradient: ``x`` is data), from one strided copy of the patches,
     shifted by each input channel's mean, and one K x K matrix product; ``x`` must be float32 or
-    float64. Raises ``ValueError`` when there is a single patch (the variance is undefined). On the paper's MNIST CNN (patches
-    of K = 9 values, 32 output channels) this is much less memory traffic than the statistics and
-    gradient of the (N, 32, 14, 14) output it replaces.
+    float64. Raises ``ValueError`` when there is a single patch (the variance is undefined). On the
+    paper's MNIST CNN (patches of K = 9 values, 32 output channels) this is much less memory traffic
+    than the statistics and gradient of the (N, 32, 14, 14) output it replaces.
     """
     d = x.dim() - 2
     if d not in (1, 2, 3) or weight.dim() != d + 2 or x.shape[1] != weight.shape[1]:
@@ -179,9 +179,9 @@ class _KL(torch.autograd.Function):
     so for ``z`` with ``n`` elements per statistic ``d kl_c / d z = (mu_c + (1 - r_c) (z - mu_c)) / n``:
     the whole backward of a layer is one ``lerp`` and one scaling over ``z``, with no autograd
     graph through the moments (and no second derivative: ``create_graph=True`` through it raises).
-    For patch moments it is ``d/dw_c = mu_c m + (1 - r_c) S w_c`` and ``d/db_c = mu_c``. The small per-channel maths of all layers is done once on their concatenated
-    statistics: on a small network those tiny ops, not the big tensors, dominate, so this code
-    counts them.
+    For patch moments it is ``d/dw_c = mu_c m + (1 - r_c) S w_c`` and ``d/db_c = mu_c``. The small
+    per-channel maths of all layers is done once on their concatenated statistics: on a small
+    network those tiny ops, not the big tensors, dominate, so this code counts them.
 
     ``layout`` holds, per layer, None for a tensor ``z`` (one input) or the patch count for patch
     moments (four inputs: weight, bias, mean, cov). Returns the per-layer reduced values

@@ -58,6 +58,7 @@ TRAIN_SIZES: dict[str, int] = {"mnist": 60000, "fashion-mnist": 60000}
 MEAN_STD: dict[str, tuple[float, float]] = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 
 _BUNDLED = Path(__file__).parent
+_GZIP_MAGIC = b"\x1f\x8b"  # an IDX file starts with 00 00
 
 
 class DataError(RuntimeError):
@@ -105,7 +106,7 @@ def _owner(digest: str) -> str | None:
 
 def _read_verified(path: Path, expected: str) -> bytes:
     raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":  # gzip by its magic bytes, whatever the name says (an IDX file starts 00 00)
+    if raw[:2] == _GZIP_MAGIC:  # gzip by its magic bytes, whatever the name says
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
@@ -150,7 +151,8 @@ def _download(name: str, fname: str, dest: Path, progress: bool) -> Path:
             with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as f:
                 shutil.copyfileobj(response, f)
             _read_verified(tmp, DATASETS[name][fname])
-            gzipped = tmp.open("rb").read(2) == b"\x1f\x8b"
+            with tmp.open("rb") as f:
+                gzipped = f.read(2) == _GZIP_MAGIC
             target = dest / (f"{fname}.gz" if gzipped else fname)
             tmp.replace(target)
             return target

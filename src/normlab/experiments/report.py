@@ -63,7 +63,10 @@ def _current(store: Store) -> list[dict]:
     settings (steps, seeds, methods) keeps the older runs, which must not be averaged in."""
     ids = store.meta("run_ids", None)
     runs = store.runs()
-    return runs if ids is None else [r for r in runs if r["id"] in set(ids)]
+    if ids is None:
+        return runs
+    ids = set(ids)
+    return [r for r in runs if r["id"] in ids]
 
 
 def summarize(store: Store) -> list[dict]:

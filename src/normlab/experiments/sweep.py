@@ -20,6 +20,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -127,7 +128,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
             bar.write(f"run {run.group} seed {run.config.seed} diverged at step {result['diverged_at']}", file=sys.stderr)
 
     if n_workers == 0:
-        _init_progress_local(_Direct(bar))  # the bar moves at every evaluation, not only between runs
+        _init_progress_local(SimpleNamespace(put=bar.update))  # the bar moves at every evaluation
         before = torch.get_num_threads()
         torch.set_num_threads(threads)  # as a worker has it: a run's numbers depend on the thread count
         try:
@@ -162,13 +163,6 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
         bar.close()
     pool.shutdown()
     return _report_failures(store, failures)
-
-
-class _Direct:
-    """The progress queue of an in-process sweep: ``put`` moves the bar at once."""
-
-    def __init__(self, bar) -> None:
-        self.put = bar.update
 
 
 def _init_progress_local(q) -> None:

@@ -51,6 +51,15 @@ def check_input(module: nn.Module, x: Tensor, ndims: tuple[int, ...]) -> None:
                          f"(dim 1) in input of shape {tuple(x.shape)}")
 
 
+def values_per_channel(x: Tensor) -> int:
+    """Values per channel of ``x`` in training (every dim but dim 1); raises the ``ValueError`` of
+    ``nn.BatchNorm`` when there is one, as batch statistics then have no variance."""
+    n = x.numel() // x.shape[1]
+    if n < 2:
+        raise ValueError(f"expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}")
+    return n
+
+
 def init_running_stats(module: nn.Module, num_features: int, affine: bool, device=None, dtype=None,
                        prefix: str = "") -> None:
     """Register BN-style ``<prefix>weight``/``<prefix>bias`` (ones/zeros, or None without ``affine``)

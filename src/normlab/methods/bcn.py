@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .groupnorm import check_groups
-from ._common import check_input, init_running_stats, pick_by_dims, running_affine
+from ._common import check_input, init_running_stats, pick_by_dims, running_affine, values_per_channel
 from .registry import register, register_norm_type
 
 __all__ = ["EstimatedBatchNorm1d", "EstimatedBatchNorm2d", "BatchChannelNorm1d", "BatchChannelNorm2d"]
@@ -176,9 +176,8 @@ class BatchChannelNorm2d(_RunningStats):
             mean, var = self._estimates(x)
             u = F.batch_norm(x, mean, var, self.bn_weight, self.bn_bias, False, 0.0, self.eps)
         else:
-            if self.training and x.numel() // x.shape[1] < 2:  # before _momentum() counts the batch
-                raise ValueError(f"expected more than 1 value per channel when training, got input of shape "
-                                 f"{tuple(x.shape)}")
+            if self.training:
+                values_per_channel(x)  # raises for one value, before _momentum() counts the batch
             momentum = self._momentum() if self.training else 0.0
             u = F.batch_norm(x, self.running_mean, self.running_var, self.bn_weight, self.bn_bias, self.training,
                              momentum, self.eps)

@@ -262,7 +262,7 @@ def _bake_and_strip(model: nn.Module, report: FoldReport) -> None:
                 hooks.clear()
     for name, m in list(model.named_modules()):
         if name and type(m) is _Probe:
-            _replace(model, name, nn.Identity().eval())
+            model.set_submodule(name, nn.Identity().eval())
             report.probes.append(name)
 
 
@@ -280,11 +280,6 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     report = FoldReport()
     model.eval()
@@ -298,7 +293,7 @@ def _fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
         pairs, kept = _pairs_fx(model, graph)
     for norm_name, conv_name, (scale, shift) in pairs:
         _fold_pair(model.get_submodule(conv_name), scale, shift)
-        _replace(model, norm_name, nn.Identity().eval())
+        model.set_submodule(norm_name, nn.Identity().eval())
         report.folded[norm_name] = conv_name
     for name, m in model.named_modules():
         if name and _is_norm(m) and name not in report.folded and name not in kept:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._common import check_input, init_running_stats, pick_by_dims, running_affine
+from ._common import check_input, init_running_stats, pick_by_dims, running_affine, values_per_channel
 from .registry import register, register_norm_type
 
 __all__ = ["L1BatchNorm1d", "L1BatchNorm2d", "TopKBatchNorm1d", "TopKBatchNorm2d", "lp_batch_norm",
@@ -215,10 +215,7 @@ def lp_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | 
         if running_mean is None or running_var is None:
             raise ValueError("lp_batch_norm in eval mode needs running_mean and running_var")
         return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
-    n = x.numel() // x.shape[1]
-    if n < 2:
-        raise ValueError(f"expected more than 1 value per channel when training, got input of shape "
-                         f"{tuple(x.shape)}")
+    n = values_per_channel(x)
     if k > n:
         raise ValueError(f"top-k batch norm with k={k} needs at least k values per channel, got {n} "
                          f"(input of shape {tuple(x.shape)}); use a smaller k or a larger batch")
@@ -279,10 +276,7 @@ class _LpBatchNorm(nn.Module):
         if not self.training:
             return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                                     False, 0.0, self.eps, False)
-        n = x.numel() // x.shape[1]
-        if n < 2:  # before any state changes: a caught error leaves the running statistics as they were
-            raise ValueError(f"expected more than 1 value per channel when training, got input of shape "
-                             f"{tuple(x.shape)}")
+        n = values_per_channel(x)  # before any state changes: a caught error leaves the statistics alone
         const = self._constant(n)  # top-k: raises when k > n, also before the batch is counted
         self.num_batches_tracked.add_(1)
         momentum = self.momentum

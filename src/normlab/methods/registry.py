@@ -224,9 +224,7 @@ def swap_norms(model: nn.Module, factory: Callable[[int, int | None], nn.Module]
         new_of[id(old)] = new
     firsts: dict[int, str] = {}
     for name, old in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new_of[id(old)])
+        model.set_submodule(name, new_of[id(old)])
         firsts.setdefault(id(old), name)
     return list(firsts.values())
 
