@@ -17,6 +17,19 @@ def test_run_is_deterministic():
     assert a.curve[1]["aux"] > 0
 
 
+def test_std_loss_runs_take_first_conv_moments_from_the_data_table(monkeypatch):
+    # The engine feeds each minibatch through StandardizationLoss.batch: the first conv's moments
+    # come from the training set's per-example table, never from the batch's own patches.
+    import importlib
+
+    std_loss = importlib.import_module("normlab.methods.std_loss")
+    real, calls = std_loss._example_table, []
+    monkeypatch.setattr(std_loss, "_example_table", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(std_loss, "patch_moments", lambda *a, **k: pytest.fail("batch patches used"))
+    res = train(RunConfig(method="std_loss", steps=5, eval_every=5))
+    assert res.diverged_at is None and calls == [(60000, 1, 28, 28)] * 5
+
+
 def test_same_seed_same_init_across_methods_and_different_seeds_differ():
     h1, _ = engine.build_run(RunConfig(method="none", seed=1))
     h2, _ = engine.build_run(RunConfig(method="std_loss", seed=1))

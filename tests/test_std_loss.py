@@ -349,3 +349,95 @@ def test_weight_changed_between_forward_and_loss_is_a_clear_error():
             model[0].weight.mul_(2)
         with pytest.raises(RuntimeError, match="weight of module '0' was modified in place"):
             std()
+
+
+def _std_loss_module():
+    import importlib
+
+    return importlib.import_module("normlab.methods.std_loss")
+
+
+@pytest.mark.parametrize("d, geometry", [
+    (1, dict(stride=3, padding=0, dilation=1)),
+    (2, dict(stride=2, padding=1, dilation=1)),
+    (2, dict(stride=(1, 2), padding=(2, 0), dilation=(2, 1))),
+    (3, dict(stride=(1, 2, 1), padding=(1, 0, 1), dilation=1)),
+])
+def test_batch_sums_first_conv_moments_from_the_per_example_table(d, geometry, monkeypatch):
+    # Per-channel means of 100 and -50: the table is shifted by the data's own channel means.
+    torch.manual_seed(0)
+    conv = getattr(nn, f"Conv{d}d")
+    data = torch.randn(40, 3, *([9] * d)) + torch.tensor([100.0, -50.0, 0.0]).view(1, 3, *([1] * d))
+    index = torch.tensor([3, 7, 7, 0, 39, 12])
+    model = nn.Sequential(conv(3, 8, 3, **geometry), nn.ReLU(), nn.Flatten(1), nn.LazyLinear(4))
+    model(data[:2])  # materialize the head
+    reference = model.double()
+    with StandardizationLoss(reference, patch_moments=False) as std:
+        reference(data[index].double())
+        want = std()
+        want_grad = torch.autograd.grad(want, reference[0].weight)[0]
+    model.float()
+
+    def no_batch_path(*args, **kwargs):
+        raise AssertionError("the batch's patches were used")
+
+    monkeypatch.setattr(_std_loss_module(), "patch_moments", no_batch_path)
+    with StandardizationLoss(model, patch_moments=True) as std:
+        x = std.batch(data, index)
+        torch.testing.assert_close(x, data[index], rtol=0, atol=0)
+        model(x)
+        assert type(std._pending[0][1]).__name__ == "PatchMoments"
+        got = std()
+        got_grad = torch.autograd.grad(got, model[0].weight)[0]
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+        with pytest.raises(AssertionError, match="patches were used"):
+            model(data[index])  # a tensor that did not come from batch() takes the usual path
+
+
+def test_batch_falls_back_when_its_tensor_or_the_data_changed():
+    torch.manual_seed(0)
+    data = torch.randn(20, 1, 8, 8)
+    index = torch.arange(6)
+    model, twin = first_conv_net(), first_conv_net()
+
+    def loss_of(x):
+        with StandardizationLoss(twin, patch_moments=False) as ref:
+            twin(x)
+            return ref().item()
+
+    with StandardizationLoss(model) as std:
+        x = std.batch(data, index)
+        x.mul_(3)  # the caller changed the batch: its own values count
+        model(x)
+        assert std().item() == pytest.approx(loss_of(data[index] * 3), rel=1e-5)
+        x = std.batch(data, index)
+        data[:6] += 5  # the data changed after the gather: x still holds the old rows
+        model(x)
+        assert std().item() == pytest.approx(loss_of(x), rel=1e-5)
+        model(std.batch(data, index))  # and a new gather sees the new data through a new table
+        assert std().item() == pytest.approx(loss_of(data[index]), rel=1e-5)
+
+
+def test_batch_skips_a_table_over_the_size_limit(monkeypatch):
+    calls = []
+    mod = _std_loss_module()
+    real = mod.patch_moments
+    monkeypatch.setattr(mod, "patch_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(mod, "_TABLE_BYTES", 1000)
+    data = torch.randn(20, 1, 8, 8)
+    model = first_conv_net()
+    with StandardizationLoss(model) as std:
+        model(std.batch(data, torch.arange(8)))
+        assert std().item() > 0 and calls == [1]
+
+
+def test_batch_bad_input():
+    std = StandardizationLoss(first_conv_net())
+    with pytest.raises(TypeError, match="data must be a tensor"):
+        std.batch([[1.0]], torch.arange(1))
+    for index in (torch.ones(2, 2, dtype=torch.long), torch.ones(3, dtype=torch.bool), torch.zeros(3)):
+        with pytest.raises(ValueError, match="index must be a 1-D integer tensor"):
+            std.batch(torch.randn(5, 1, 8, 8), index)
+    with pytest.raises(IndexError):
+        std.batch(torch.randn(5, 1, 8, 8), [7])

@@ -247,6 +247,7 @@ def train(cfg: RunConfig, data: data_mod.Dataset | None = None, *,
     data = data if data is not None else data_mod.load(cfg.dataset, progress=False)
     handle, opt = build_run(cfg)
     model = handle.model
+    std = handle.state.get("std_loss")
     if channels_last:
         model.to(memory_format=torch.channels_last)
     model.train()
@@ -293,7 +294,9 @@ def train(cfg: RunConfig, data: data_mod.Dataset | None = None, *,
         diverged_at, first = 0, cfg.steps + 1
     for step in range(first, cfg.steps + 1):
         idx = sample(step - 1)
-        x, y = _prepare(data.train_x[idx], channels_last), data.train_y[idx]
+        # Through the std loss's batch(), its first conv's moments come from a per-example table.
+        x = std.batch(data.train_x, idx) if std is not None else data.train_x[idx]
+        x, y = _prepare(x, channels_last), data.train_y[idx]
         out = model(x)
         task = F.cross_entropy(out, y)
         aux = handle.aux_loss()

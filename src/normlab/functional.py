@@ -100,6 +100,26 @@ def _ntuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
     return out
 
 
+def _shifted_patches(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+                     dilation: tuple[int, ...], shift: Tensor) -> tuple[Tensor, int]:
+    # The (K, N, P) patches of x (K = C_in * prod(kernel) entries, P output positions) in one strided
+    # copy, every entry (the zero padding too) minus its input channel's shift; and P.
+    d = x.dim() - 2
+    xs = x.detach().transpose(0, 1)  # (C_in, N, *spatial): the patch index (C_in, *kernel) leads
+    shift_b = shift.to(xs.dtype).view(-1, *(1,) * (d + 1))
+    xs = F.pad(xs, [p for p in reversed(padding) for _ in (0, 1)]).sub_(shift_b) if any(padding) else xs - shift_b
+    out = [(size - dil * (k - 1) - 1) // st + 1 for size, k, st, dil in zip(xs.shape[2:], kernel, stride, dilation)]
+    if min(out) < 1:
+        raise ValueError(f"kernel {kernel} (dilation {dilation}) is larger than the padded input {tuple(xs.shape[2:])}")
+    st = xs.stride()
+    view = xs.as_strided(
+        (xs.shape[0], *kernel, xs.shape[1], *out),
+        (st[0], *(st[2 + i] * dilation[i] for i in range(d)), st[1], *(st[2 + i] * stride[i] for i in range(d))),
+        xs.storage_offset())
+    positions = math.prod(out)
+    return view.reshape(-1, xs.shape[1], positions), positions
+
+
 def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | Sequence[int] = 1,
                   padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1) -> PatchMoments:
     """:class:`PatchMoments` of ``conv(x, weight, bias, stride, padding, dilation)`` (zero padding,
@@ -122,27 +142,15 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
                                                               (dilation, "dilation")))
     kernel = tuple(weight.shape[2:])
     with torch.no_grad():
-        # Shift every patch entry, the zero padding too, by its input channel's mean: the covariance
-        # is unchanged and the float32 second moments below lose no precision to large means.
-        xs = x.detach().transpose(0, 1)  # (C_in, N, *spatial): the patch index (C_in, *kernel) leads
+        # Shift every patch entry by its input channel's mean: the covariance is unchanged and the
+        # float32 second moments below lose no precision to large means.
         shift = x.detach().mean((0, *range(2, x.dim())))
-        shift_b = shift.view(-1, *(1,) * (d + 1))
-        xs = F.pad(xs, [p for p in reversed(padding) for _ in (0, 1)]).sub_(shift_b) if any(padding) else xs - shift_b
-        out = [(size - dil * (k - 1) - 1) // st + 1
-               for size, k, st, dil in zip(xs.shape[2:], kernel, stride, dilation)]
-        if min(out) < 1:
-            raise ValueError(f"kernel {kernel} (dilation {dilation}) is larger than the padded input "
-                             f"{tuple(xs.shape[2:])}")
-        count = xs.shape[1] * math.prod(out)
+        patches, positions = _shifted_patches(x, kernel, stride, padding, dilation, shift)
+        count = x.shape[0] * positions
         if count < 2:
             raise ValueError(f"the output variance of a conv on input {tuple(x.shape)} is undefined (one output "
                              "position per channel): use a batch of at least 2 samples")
-        st = xs.stride()
-        view = xs.as_strided(
-            (xs.shape[0], *kernel, xs.shape[1], *out),
-            (st[0], *(st[2 + i] * dilation[i] for i in range(d)), st[1], *(st[2 + i] * stride[i] for i in range(d))),
-            xs.storage_offset())
-        patches = view.reshape(-1, count)  # (K, N * prod(out)), one strided copy
+        patches = patches.reshape(len(patches), count)
         mean = patches.sum(1).div_(count)
         cov = torch.mm(patches, patches.T).div_(count).sub_(torch.outer(mean, mean))
         mean += shift.repeat_interleave(math.prod(kernel))

@@ -11,13 +11,14 @@ with ``mu_c`` and the biased ``var_c`` taken over the batch (and spatial) dims o
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..functional import PatchMoments, layer_kls, patch_moments
+from ..functional import PatchMoments, _shifted_patches, layer_kls, patch_moments
 from ._common import CONVS, LAYERS, resolve_modules
 from .registry import Handle, register, register_norm_type, swap_norms
 
@@ -50,14 +51,59 @@ def _patch_conv(module: nn.Module, patch: bool | None) -> bool:
     return patch is True or module.in_channels * math.prod(module.kernel_size) <= 2 * module.out_channels
 
 
-def _patch_moments(module: nn.Module, x: Tensor) -> PatchMoments | None:
+def _patch_moments(module: nn.Module, x: Tensor, rows: tuple | None = None) -> PatchMoments | None:
     # The patch moments of a conv's output from its input x, when x is data (needs no gradient) and
-    # the conv runs in x's own float32/64 precision (not under autocast); None otherwise.
+    # the conv runs in x's own float32/64 precision (not under autocast); None otherwise. With `rows`
+    # from StandardizationLoss.batch and x its unchanged result, they are summed from the
+    # per-example table of the data.
     if not isinstance(x, Tensor) or x.requires_grad or x.dtype != module.weight.dtype or x.dim() != module.weight.dim() \
             or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
         return None
-    padding = 0 if isinstance(module.padding, str) else module.padding
+    padding = (0,) * (x.dim() - 2) if isinstance(module.padding, str) else tuple(module.padding)
+    if rows is not None and x is rows[0] and x._version == rows[1] and rows[2]._version == rows[3]:
+        data, index = rows[2], rows[4]
+        found = _example_table(data, tuple(module.weight.shape[2:]), tuple(module.stride), padding,
+                               tuple(module.dilation))
+        if found is not None and len(index) * found[2] > 1:
+            table, shift, positions = found
+            count = len(index) * positions
+            k = len(shift)
+            sums = table.index_select(0, index).sum(0, dtype=torch.float64).div_(count)
+            mean = sums[:k]
+            cov = sums[k:].view(k, k).sub_(torch.outer(mean, mean))
+            return PatchMoments(module.weight, module.bias, (mean + shift).to(x.dtype), cov.to(x.dtype), count)
     return patch_moments(x, module.weight, module.bias, module.stride, padding, module.dilation)
+
+
+_TABLE_BYTES = 256 << 20  # the largest per-example table kept (the MNIST CNN's: 60000 x 90 floats, 21 MB)
+_tables: dict[tuple, tuple[weakref.ref, int, tuple[Tensor, Tensor, int]]] = {}
+
+
+def _example_table(data: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+                   dilation: tuple[int, ...]) -> tuple[Tensor, Tensor, int] | None:
+    # A conv's per-example patch sums over the whole of `data`, computed in one pass and kept while
+    # `data` lives unchanged: rows (N, K + K*K) of s_i = sum_p (x_ip - c) and G_i = sum_p (x_ip - c)
+    # (x_ip - c)^T over example i's P patches, c = data's per-channel mean (repeated per patch entry,
+    # the second value), and P. None when the table would exceed _TABLE_BYTES.
+    key = (id(data), kernel, stride, padding, dilation)
+    hit = _tables.get(key)
+    if hit is not None and hit[0]() is data and hit[1] == data._version:
+        return hit[2]
+    k = data.shape[1] * math.prod(kernel)
+    if not len(data) or len(data) * (k + k * k) * data.element_size() > _TABLE_BYTES:
+        return None
+    with torch.no_grad():
+        shift = data.detach().mean((0, *range(2, data.dim())))
+        table = data.new_empty(len(data), k + k * k)
+        step = max(1, (1 << 21) // max(1, data[0].numel()))
+        for start in range(0, len(data), step):
+            patches, positions = _shifted_patches(data[start:start + step], kernel, stride, padding, dilation, shift)
+            per = patches.transpose(0, 1)  # (n, K, P)
+            table[start:start + step, :k] = per.sum(2)
+            table[start:start + step, k:] = torch.bmm(per, per.transpose(1, 2)).flatten(1)
+    found = (table, shift.repeat_interleave(math.prod(kernel)).double(), positions)
+    _tables[key] = (weakref.ref(data, lambda _, key=key: _tables.pop(key, None)), data._version, found)
+    return found
 
 
 # -1 outside a backward pass (a private torch function, present since 2.0; without it, assume outside)
@@ -101,7 +147,9 @@ class StandardizationLoss:
     output's moments follow exactly from the mean and covariance of its input patches (see
     :func:`normlab.functional.patch_moments`), and the loss's gradient goes straight to its weight
     and bias. On the paper's MNIST CNN this skips every pass over the largest activation, the
-    first layer's (N, 32, 14, 14) output. ``patch_moments`` turns this off or forces it.
+    first layer's (N, 32, 14, 14) output. ``patch_moments`` turns this off or forces it. A
+    minibatch taken through :meth:`batch` (as :func:`normlab.engine.train` does) makes it cheaper
+    still: its patch moments are summed from a per-example table of the dataset.
 
     Args:
         model: any ``nn.Module``; it is not modified.
@@ -159,6 +207,7 @@ class StandardizationLoss:
         self._early: dict[int, PatchMoments] = {}  # first convs' patch moments, by id(module)
         self._produced: dict[int, tuple[PatchMoments, Tensor]] = {}  # the same, by id(output)
         self._last: tuple[tuple[str, ...], Tensor] = ((), torch.zeros(0))
+        self._rows: tuple | None = None  # see batch(): (x, x._version, data, data._version, index)
         # A probe's tensor may be the output of a first conv (its own output with record="output",
         # any conv's with record="input"). The patch moments are taken in a pre-hook, before the
         # conv runs: its input is still in cache then, and the conv's output has not yet pushed it
@@ -186,7 +235,7 @@ class StandardizationLoss:
 
     def _take(self, module: nn.Module, args: tuple) -> None:
         if module.training and _recording() and args:
-            moments = _patch_moments(module, args[0])
+            moments = _patch_moments(module, args[0], self._rows)
             if moments is not None:
                 self._early[id(module)] = moments
 
@@ -225,8 +274,36 @@ class StandardizationLoss:
         """Discard what was recorded since the last call, e.g. after a forward pass that raised
         (a batch skipped after an out-of-memory error): otherwise the next call adds it in."""
         self._pending = []
+        self._rows = None
         self._early.clear()
         self._produced.clear()
+
+    def batch(self, data: Tensor, index: Tensor | Sequence[int]) -> Tensor:
+        """``data[index]`` (rows ``index`` of ``data``), the input of the next forward pass, e.g.
+        ``loss = F.cross_entropy(model(std.batch(train_x, idx)), train_y[idx]) + std()``.
+
+        Its values are those of ``data[index]``. What differs is the cost of the loss: when this
+        very tensor reaches a first convolution that takes its moments from its input patches (see
+        ``patch_moments`` above), unchanged, those moments are summed from per-example ones of
+        ``data``, computed in one pass over ``data`` the first time and kept while ``data`` lives
+        unchanged. With ``s_i = sum_p (x_ip - c)`` and ``G_i = sum_p (x_ip - c)(x_ip - c)^T`` over
+        the ``P`` patches of example ``i`` (``c``: ``data``'s per-channel mean), a batch ``B`` has
+        ``m = c + sum_i s_i / (|B| P)`` and ``S = sum_i G_i / (|B| P) - (m - c)(m - c)^T``, summed in
+        float64: a gather of ``K + K**2`` numbers per example instead of a pass over the batch's
+        patches (``K``: patch length; 90 numbers per example on the paper's MNIST CNN, a table of
+        21 MB for MNIST's 60000 images; none is kept above 256 MiB). Any other input, or this one
+        changed in place, takes the usual path; so does everything after the next call.
+        """
+        if not isinstance(data, Tensor) or data.dim() < 2:
+            raise TypeError(f"data must be a tensor of examples (N, ...), got {type(data).__name__}"
+                            + (f" of shape {tuple(data.shape)}" if isinstance(data, Tensor) else ""))
+        index = torch.as_tensor(index, device=data.device)
+        if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"index must be a 1-D integer tensor of row numbers, got {index.dtype} of shape "
+                             f"{tuple(index.shape)}; for a boolean mask pass mask.nonzero().squeeze(1)")
+        x = data.index_select(0, index)
+        self._rows = (x, x._version, data, data._version, index)
+        return x
 
     def __call__(self) -> Tensor:
         """``weight * sum`` of the KL terms recorded since the last call (a 0 tensor if none).
