@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -432,12 +434,71 @@ def test_batch_skips_a_table_over_the_size_limit(monkeypatch):
         assert std().item() > 0 and calls == [1]
 
 
+def test_batch_keeps_precision_when_the_batch_is_far_from_the_data_mean():
+    # Pixels 0..255 and a batch of blank images: the first layer's variance is exactly 0.
+    torch.manual_seed(0)
+    data = torch.randint(0, 256, (200, 1, 8, 8)).float()
+    data[:50] = 0
+    index = torch.arange(20)
+    with StandardizationLoss(twin := first_conv_net(), patch_moments=False) as ref:
+        twin(data[index])
+        want = ref()
+    model = first_conv_net()
+    with StandardizationLoss(model) as std:
+        model(std.batch(data, index))
+        assert std._pending[0][1].cov.abs().max().item() < 1e-6
+        assert std().item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_batch_index_is_copied_and_read_like_indexing():
+    torch.manual_seed(0)
+    data = torch.randn(30, 1, 8, 8)
+    model, twin = first_conv_net(), first_conv_net()
+    with StandardizationLoss(twin, patch_moments=False) as ref:
+        twin(data[torch.tensor([-1, 0, 5, -30])])
+        want = ref().item()
+    with StandardizationLoss(model) as std:
+        index = torch.tensor([-1, 0, 5, -30], dtype=torch.int16)
+        x = std.batch(data, index)
+        torch.testing.assert_close(x, data[index.long()], rtol=0, atol=0)
+        index.fill_(7)  # the caller reuses its index buffer before the forward pass
+        model(x)
+        assert std().item() == pytest.approx(want, rel=1e-5)
+
+
+def test_batch_stops_building_tables_for_ever_new_data(monkeypatch):
+    mod = _std_loss_module()
+    builds = []
+    real = mod._build_table
+    monkeypatch.setattr(mod, "_build_table", lambda *a: builds.append(1) or real(*a))
+    data = torch.randn(40, 1, 8, 8)
+    model = first_conv_net()
+    with StandardizationLoss(model) as std:
+        for _ in range(2):  # the same data: one table
+            model(std.batch(data, torch.arange(8)))
+            std()
+        model(std.batch(data[:30], torch.arange(8)))  # a slice is a new tensor: a second table
+        std()
+        assert len(builds) == 2
+        model(std.batch(data[:20], torch.arange(8)))  # a third: refused, the batch's patches are used
+        assert type(std._pending[0][1]).__name__ == "PatchMoments" and len(builds) == 2
+        std()
+        with pytest.warns(UserWarning, match="builds no more") as caught:  # said at the next batch(), once
+            std.batch(data[:20], torch.arange(8))
+        assert caught[0].filename == __file__
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(std.batch(data[:20], torch.arange(8)))
+        assert len(builds) == 2
+
+
 def test_batch_bad_input():
     std = StandardizationLoss(first_conv_net())
     with pytest.raises(TypeError, match="data must be a tensor"):
         std.batch([[1.0]], torch.arange(1))
     for index in (torch.ones(2, 2, dtype=torch.long), torch.ones(3, dtype=torch.bool), torch.zeros(3)):
-        with pytest.raises(ValueError, match="index must be a 1-D integer tensor"):
+        with pytest.raises(ValueError, match="index must be a 1-D tensor of integer row numbers"):
             std.batch(torch.randn(5, 1, 8, 8), index)
-    with pytest.raises(IndexError):
-        std.batch(torch.randn(5, 1, 8, 8), [7])
+    for bad in ([5], [-6]):
+        with pytest.raises(IndexError, match=r"outside \[-5, 5\) for data of 5 rows"):
+            std.batch(torch.randn(5, 1, 8, 8), bad)

@@ -11,6 +11,7 @@ with ``mu_c`` and the biased ``var_c`` taken over the batch (and spatial) dims o
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 
@@ -51,59 +52,59 @@ def _patch_conv(module: nn.Module, patch: bool | None) -> bool:
     return patch is True or module.in_channels * math.prod(module.kernel_size) <= 2 * module.out_channels
 
 
-def _patch_moments(module: nn.Module, x: Tensor, rows: tuple | None = None) -> PatchMoments | None:
-    # The patch moments of a conv's output from its input x, when x is data (needs no gradient) and
-    # the conv runs in x's own float32/64 precision (not under autocast); None otherwise. With `rows`
-    # from StandardizationLoss.batch and x its unchanged result, they are summed from the
-    # per-example table of the data.
-    if not isinstance(x, Tensor) or x.requires_grad or x.dtype != module.weight.dtype or x.dim() != module.weight.dim() \
-            or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
-        return None
-    padding = (0,) * (x.dim() - 2) if isinstance(module.padding, str) else tuple(module.padding)
-    if rows is not None and x is rows[0] and x._version == rows[1] and rows[2]._version == rows[3]:
-        data, index = rows[2], rows[4]
-        found = _example_table(data, tuple(module.weight.shape[2:]), tuple(module.stride), padding,
-                               tuple(module.dilation))
-        if found is not None and len(index) * found[2] > 1:
-            table, shift, positions = found
-            count = len(index) * positions
-            k = len(shift)
-            sums = table.index_select(0, index).sum(0, dtype=torch.float64).div_(count)
-            mean = sums[:k]
-            cov = sums[k:].view(k, k).sub_(torch.outer(mean, mean))
-            return PatchMoments(module.weight, module.bias, (mean + shift).to(x.dtype), cov.to(x.dtype), count)
-    return patch_moments(x, module.weight, module.bias, module.stride, padding, module.dilation)
+def _takes_patches(module: nn.Module, x: object) -> bool:
+    # Whether a patch conv's moments can come from its input x: x is data (needs no gradient) and
+    # the conv runs in x's own float32/64 precision (not under autocast).
+    return isinstance(x, Tensor) and not x.requires_grad and x.dtype == module.weight.dtype \
+        and x.dim() == module.weight.dim() and x.dtype in (torch.float32, torch.float64) \
+        and not torch.is_autocast_enabled(x.device.type)
 
 
-_TABLE_BYTES = 256 << 20  # the largest per-example table kept (the MNIST CNN's: 60000 x 90 floats, 21 MB)
-_tables: dict[tuple, tuple[weakref.ref, int, tuple[Tensor, Tensor, int]]] = {}
+def _geometry(module: nn.Module) -> tuple[tuple[int, ...], ...]:
+    # (kernel, stride, padding, dilation) of a conv, with padding="valid" as zeros.
+    d = module.weight.dim() - 2
+    padding = (0,) * d if isinstance(module.padding, str) else tuple(module.padding)
+    return tuple(module.weight.shape[2:]), tuple(module.stride), padding, tuple(module.dilation)
 
 
-def _example_table(data: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
-                   dilation: tuple[int, ...]) -> tuple[Tensor, Tensor, int] | None:
-    # A conv's per-example patch sums over the whole of `data`, computed in one pass and kept while
-    # `data` lives unchanged: rows (N, K + K*K) of s_i = sum_p (x_ip - c) and G_i = sum_p (x_ip - c)
-    # (x_ip - c)^T over example i's P patches, c = data's per-channel mean (repeated per patch entry,
-    # the second value), and P. None when the table would exceed _TABLE_BYTES.
-    key = (id(data), kernel, stride, padding, dilation)
-    hit = _tables.get(key)
-    if hit is not None and hit[0]() is data and hit[1] == data._version:
-        return hit[2]
-    k = data.shape[1] * math.prod(kernel)
-    if not len(data) or len(data) * (k + k * k) * data.element_size() > _TABLE_BYTES:
-        return None
-    with torch.no_grad():
-        shift = data.detach().mean((0, *range(2, data.dim())))
-        table = data.new_empty(len(data), k + k * k)
+_TABLE_BYTES = 256 << 20  # the largest per-example table kept (the MNIST CNN's: 60000 x 90 doubles, 43 MB)
+_MAX_BUILDS = 2  # tables one StandardizationLoss may build before batch() stops using them
+# (id(data), geometry) -> (weakref to data, data's version, (table, P) or None if over the size cap)
+_tables: dict[tuple, tuple[weakref.ref, int, tuple[Tensor, int] | None]] = {}
+
+
+def _build_table(data: Tensor, geometry: tuple[tuple[int, ...], ...]) -> tuple[Tensor, int] | None:
+    # Per-example patch moments of a conv over the whole of `data`, kept in _tables while `data`
+    # lives: rows (N, K + K*K) float64 of mean_i = sum_p x_ip / P and the centred
+    # M2_i = sum_p (x_ip - mean_i)(x_ip - mean_i)^T over example i's P patches; and P. Both come
+    # from the residuals r_ip = x_ip - a_i around the data-precision mean a_i (no cancellation):
+    # mean_i = a_i + sum_p r_ip / P in float64, M2_i = sum_p r_ip r_ip^T - (sum_p r_ip)(sum_p r_ip)^T / P.
+    # None over _TABLE_BYTES.
+    k = data.shape[1] * math.prod(geometry[0])
+    found = None
+    if len(data) and len(data) * (k + k * k) * 8 <= _TABLE_BYTES:
+        table = torch.empty(len(data), k + k * k, dtype=torch.float64, device=data.device)
+        zero = torch.zeros(data.shape[1], dtype=data.dtype, device=data.device)
         step = max(1, (1 << 21) // max(1, data[0].numel()))
-        for start in range(0, len(data), step):
-            patches, positions = _shifted_patches(data[start:start + step], kernel, stride, padding, dilation, shift)
-            per = patches.transpose(0, 1)  # (n, K, P)
-            table[start:start + step, :k] = per.sum(2)
-            table[start:start + step, k:] = torch.bmm(per, per.transpose(1, 2)).flatten(1)
-    found = (table, shift.repeat_interleave(math.prod(kernel)).double(), positions)
+        with torch.no_grad():
+            for start in range(0, len(data), step):
+                patches, positions = _shifted_patches(data[start:start + step].detach(), *geometry, zero)
+                approx = patches.mean(2, keepdim=True)  # (K, n, 1)
+                r = (patches - approx).transpose(0, 1)  # (n, K, P)
+                rsum = r.sum(2)
+                table[start:start + step, :k] = approx.squeeze(2).T + rsum.double() / positions
+                table[start:start + step, k:] = torch.baddbmm(torch.bmm(r, r.transpose(1, 2)), rsum.unsqueeze(2),
+                                                              rsum.unsqueeze(1), alpha=-1 / positions).flatten(1)
+        found = (table, positions)
+    key = (id(data), geometry)
     _tables[key] = (weakref.ref(data, lambda _, key=key: _tables.pop(key, None)), data._version, found)
     return found
+
+
+def _patch_moments(module: nn.Module, x: Tensor) -> PatchMoments:
+    # The patch moments of a conv's output from its input x (see _takes_patches).
+    _, stride, padding, dilation = _geometry(module)
+    return patch_moments(x, module.weight, module.bias, stride, padding, dilation)
 
 
 # -1 outside a backward pass (a private torch function, present since 2.0; without it, assume outside)
@@ -208,6 +209,7 @@ class StandardizationLoss:
         self._produced: dict[int, tuple[PatchMoments, Tensor]] = {}  # the same, by id(output)
         self._last: tuple[tuple[str, ...], Tensor] = ((), torch.zeros(0))
         self._rows: tuple | None = None  # see batch(): (x, x._version, data, data._version, index)
+        self._builds = 0  # per-example tables this loss has built (see batch())
         # A probe's tensor may be the output of a first conv (its own output with record="output",
         # any conv's with record="input"). The patch moments are taken in a pre-hook, before the
         # conv runs: its input is still in cache then, and the conv's output has not yet pushed it
@@ -234,10 +236,37 @@ class StandardizationLoss:
         return out
 
     def _take(self, module: nn.Module, args: tuple) -> None:
-        if module.training and _recording() and args:
-            moments = _patch_moments(module, args[0], self._rows)
-            if moments is not None:
-                self._early[id(module)] = moments
+        if module.training and _recording() and args and _takes_patches(module, args[0]):
+            moments = self._from_table(module, args[0])
+            self._early[id(module)] = moments if moments is not None else _patch_moments(module, args[0])
+
+    def _from_table(self, module: nn.Module, x: Tensor) -> PatchMoments | None:
+        # The batch's patch moments from the per-example table, when x is batch()'s result, unchanged
+        # (and the data it came from too): with d_i = mean_i - m over the batch B,
+        # m = sum_i mean_i / |B| and S = sum_i M2_i / (|B| P) + sum_i d_i d_i^T / |B|.
+        rows = self._rows
+        if rows is None or x is not rows[0] or x._version != rows[1] or rows[2]._version != rows[3]:
+            return None
+        data, index = rows[2], rows[4]
+        geometry = _geometry(module)
+        hit = _tables.get((id(data), geometry))
+        if hit is not None and hit[0]() is data and hit[1] == data._version:
+            found = hit[2]
+        elif self._builds < _MAX_BUILDS:
+            self._builds += 1
+            found = _build_table(data, geometry)
+        else:
+            self._builds = max(self._builds, _MAX_BUILDS + 1)  # refused: batch() warns, once
+            return None
+        if found is None or len(index) * found[1] < 2:
+            return None
+        table, positions = found
+        k = data.shape[1] * math.prod(geometry[0])
+        picked = table.index_select(0, index)
+        mean = picked[:, :k].mean(0)
+        d = picked[:, :k] - mean
+        cov = torch.addmm(picked[:, k:].sum(0).view(k, k), d.T, d, alpha=positions).div_(len(index) * positions)
+        return PatchMoments(module.weight, module.bias, mean.to(x.dtype), cov.to(x.dtype), len(index) * positions)
 
     def _produce(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         moments = self._early.pop(id(module), None) if self._early else None
@@ -279,28 +308,48 @@ class StandardizationLoss:
         self._produced.clear()
 
     def batch(self, data: Tensor, index: Tensor | Sequence[int]) -> Tensor:
-        """``data[index]`` (rows ``index`` of ``data``), the input of the next forward pass, e.g.
+        """``data[index]`` (rows ``index`` of ``data``; negative numbers count from the end), the
+        input of the next forward pass, e.g.
         ``loss = F.cross_entropy(model(std.batch(train_x, idx)), train_y[idx]) + std()``.
 
-        Its values are those of ``data[index]``. What differs is the cost of the loss: when this
-        very tensor reaches a first convolution that takes its moments from its input patches (see
-        ``patch_moments`` above), unchanged, those moments are summed from per-example ones of
-        ``data``, computed in one pass over ``data`` the first time and kept while ``data`` lives
-        unchanged. With ``s_i = sum_p (x_ip - c)`` and ``G_i = sum_p (x_ip - c)(x_ip - c)^T`` over
-        the ``P`` patches of example ``i`` (``c``: ``data``'s per-channel mean), a batch ``B`` has
-        ``m = c + sum_i s_i / (|B| P)`` and ``S = sum_i G_i / (|B| P) - (m - c)(m - c)^T``, summed in
-        float64: a gather of ``K + K**2`` numbers per example instead of a pass over the batch's
-        patches (``K``: patch length; 90 numbers per example on the paper's MNIST CNN, a table of
-        21 MB for MNIST's 60000 images; none is kept above 256 MiB). Any other input, or this one
-        changed in place, takes the usual path; so does everything after the next call.
+        The values are those of ``data[index]``; what differs is the cost of the loss. When this very
+        tensor reaches a first convolution that takes its moments from its input patches (see
+        ``patch_moments`` above) unchanged, those moments are summed from per-example ones of
+        ``data``: over the ``P`` patches ``x_ip`` of example ``i``, ``mean_i = sum_p x_ip / P`` and
+        ``M2_i = sum_p (x_ip - mean_i)(x_ip - mean_i)^T``; for the batch ``B``, with
+        ``d_i = mean_i - m``, ``m = sum_i mean_i / |B|`` and
+        ``S = sum_i M2_i / (|B| P) + sum_i d_i d_i^T / |B|`` (Chan et al.'s pairwise update), all in
+        float64. That is a gather of ``K + K**2`` numbers per example (``K``: patch length; 90 on the
+        paper's MNIST CNN) instead of a pass over the batch's patches.
+
+        The table is built in one pass over ``data`` the first time (0.7 s and 43 MB for MNIST's
+        60000 images) and kept, for every ``StandardizationLoss``, as long as ``data`` lives with
+        the same version; none is kept above 256 MiB. So pass the same dataset tensor every step:
+        after building tables for two different or changed ``data`` tensors, a loss warns and builds
+        no more. Anything else takes the usual path: another tensor (``batch``'s result converted,
+        e.g. ``.to(device)``, or ``.contiguous(memory_format=torch.channels_last)`` on multi-channel
+        data: convert ``data`` once instead), this one changed in place, and everything after the
+        next call of the loss. Changes to ``data`` that bypass torch's version counter (writes
+        through a numpy array that shares its memory) are not seen.
         """
         if not isinstance(data, Tensor) or data.dim() < 2:
             raise TypeError(f"data must be a tensor of examples (N, ...), got {type(data).__name__}"
                             + (f" of shape {tuple(data.shape)}" if isinstance(data, Tensor) else ""))
         index = torch.as_tensor(index, device=data.device)
-        if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"index must be a 1-D integer tensor of row numbers, got {index.dtype} of shape "
+        if index.dim() != 1 or index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise ValueError(f"index must be a 1-D tensor of integer row numbers, got {index.dtype} of shape "
                              f"{tuple(index.shape)}; for a boolean mask pass mask.nonzero().squeeze(1)")
+        n = len(data)
+        if len(index) and not -n <= int(index.min()) <= int(index.max()) < n:
+            raise IndexError(f"index has row numbers outside [-{n}, {n}) for data of {n} rows")
+        index = index.long().remainder(n) if n else index.long()  # a copy: the caller may refill theirs
+        if self._builds == _MAX_BUILDS + 1:
+            self._builds += 1
+            warnings.warn(
+                f"StandardizationLoss.batch built {_MAX_BUILDS} per-example tables, one for each new or changed "
+                "data tensor (a slice, a copy, data changed in place): it builds no more and takes each batch's "
+                "own patches. Pass the same unchanged dataset tensor to batch() every step (slice the index, "
+                "not the data), or index the data yourself", stacklevel=2)
         x = data.index_select(0, index)
         self._rows = (x, x._version, data, data._version, index)
         return x
