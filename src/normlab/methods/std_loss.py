@@ -322,8 +322,8 @@ class StandardizationLoss:
         float64. That is a gather of ``K + K**2`` numbers per example (``K``: patch length; 90 on the
         paper's MNIST CNN) instead of a pass over the batch's patches.
 
-        The table is built in one pass over ``data`` the first time (0.7 s and 43 MB for MNIST's
-        60000 images) and kept, for every ``StandardizationLoss``, as long as ``data`` lives with
+        The table is built in one pass over ``data`` the first time (about 0.9 s and 43 MB for
+        MNIST's 60000 images) and kept, for every ``StandardizationLoss``, as long as ``data`` lives with
         the same version; none is kept above 256 MiB. So pass the same dataset tensor every step:
         after building tables for two different or changed ``data`` tensors, a loss warns and builds
         no more. Anything else takes the usual path: another tensor (``batch``'s result converted,
