@@ -496,6 +496,8 @@ def test_batch_bad_input():
     std = StandardizationLoss(first_conv_net())
     with pytest.raises(TypeError, match="data must be a tensor"):
         std.batch([[1.0]], torch.arange(1))
+    with pytest.raises(ValueError, match="at least 2 dims, got shape"):
+        std.batch(torch.randn(5), torch.arange(1))
     for index in (torch.ones(2, 2, dtype=torch.long), torch.ones(3, dtype=torch.bool), torch.zeros(3)):
         with pytest.raises(ValueError, match="index must be a 1-D tensor of integer row numbers"):
             std.batch(torch.randn(5, 1, 8, 8), index)

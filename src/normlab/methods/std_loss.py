@@ -332,9 +332,11 @@ class StandardizationLoss:
         next call of the loss. Changes to ``data`` that bypass torch's version counter (writes
         through a numpy array that shares its memory) are not seen.
         """
-        if not isinstance(data, Tensor) or data.dim() < 2:
-            raise TypeError(f"data must be a tensor of examples (N, ...), got {type(data).__name__}"
-                            + (f" of shape {tuple(data.shape)}" if isinstance(data, Tensor) else ""))
+        if not isinstance(data, Tensor):
+            raise TypeError(f"data must be a tensor of examples (N, ...), got {type(data).__name__}")
+        if data.dim() < 2:
+            raise ValueError(f"data must be a tensor of examples (N, ...) with at least 2 dims, got shape "
+                             f"{tuple(data.shape)}")
         index = torch.as_tensor(index, device=data.device)
         if index.dim() != 1 or index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
             raise ValueError(f"index must be a 1-D tensor of integer row numbers, got {index.dtype} of shape "
