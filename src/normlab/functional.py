@@ -106,7 +106,7 @@ def _shifted_patches(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...]
     # copy, every entry (the zero padding too) minus its input channel's shift; and P.
     d = x.dim() - 2
     xs = x.detach().transpose(0, 1)  # (C_in, N, *spatial): the patch index (C_in, *kernel) leads
-    shift_b = shift.to(xs.dtype).view(-1, *(1,) * (d + 1))
+    shift_b = shift.view(-1, *(1,) * (d + 1))
     xs = F.pad(xs, [p for p in reversed(padding) for _ in (0, 1)]).sub_(shift_b) if any(padding) else xs - shift_b
     out = [(size - dil * (k - 1) - 1) // st + 1 for size, k, st, dil in zip(xs.shape[2:], kernel, stride, dilation)]
     if min(out) < 1:

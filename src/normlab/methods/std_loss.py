@@ -101,12 +101,6 @@ def _build_table(data: Tensor, geometry: tuple[tuple[int, ...], ...]) -> tuple[T
     return found
 
 
-def _patch_moments(module: nn.Module, x: Tensor) -> PatchMoments:
-    # The patch moments of a conv's output from its input x (see _takes_patches).
-    _, stride, padding, dilation = _geometry(module)
-    return patch_moments(x, module.weight, module.bias, stride, padding, dilation)
-
-
 # -1 outside a backward pass (a private torch function, present since 2.0; without it, assume outside)
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
@@ -237,10 +231,13 @@ class StandardizationLoss:
 
     def _take(self, module: nn.Module, args: tuple) -> None:
         if module.training and _recording() and args and _takes_patches(module, args[0]):
-            moments = self._from_table(module, args[0])
-            self._early[id(module)] = moments if moments is not None else _patch_moments(module, args[0])
+            geometry = _geometry(module)
+            moments = self._from_table(module, args[0], geometry)
+            if moments is None:
+                moments = patch_moments(args[0], module.weight, module.bias, *geometry[1:])
+            self._early[id(module)] = moments
 
-    def _from_table(self, module: nn.Module, x: Tensor) -> PatchMoments | None:
+    def _from_table(self, module: nn.Module, x: Tensor, geometry: tuple[tuple[int, ...], ...]) -> PatchMoments | None:
         # The batch's patch moments from the per-example table, when x is batch()'s result, unchanged
         # (and the data it came from too): with d_i = mean_i - m over the batch B,
         # m = sum_i mean_i / |B| and S = sum_i M2_i / (|B| P) + sum_i d_i d_i^T / |B|.
@@ -248,7 +245,6 @@ class StandardizationLoss:
         if rows is None or x is not rows[0] or x._version != rows[1] or rows[2]._version != rows[3]:
             return None
         data, index = rows[2], rows[4]
-        geometry = _geometry(module)
         hit = _tables.get((id(data), geometry))
         if hit is not None and hit[0]() is data and hit[1] == data._version:
             found = hit[2]
@@ -261,7 +257,7 @@ class StandardizationLoss:
         if found is None or len(index) * found[1] < 2:
             return None
         table, positions = found
-        k = data.shape[1] * math.prod(geometry[0])
+        k = module.weight[0].numel()  # C_in * prod(kernel)
         picked = table.index_select(0, index)
         mean = picked[:, :k].mean(0)
         d = picked[:, :k] - mean
