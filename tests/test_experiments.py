@@ -93,6 +93,14 @@ def test_grid_expands_method_options_only_for_their_method():
     assert "std_loss lr=0.01 std_loss.weight=0.1" in groups and "none lr=0.1" in groups
 
 
+def test_int_and_float_settings_give_one_run_id():
+    ids = [[r.id for r in validate({"methods": ["none"], "seeds": 1, "run": {"lr": lr, "momentum": mo,
+                                                                            "weight_decay": wd}}, "e").runs()]
+           for lr, mo, wd in ((1, 0, 0), (1.0, 0.0, 0.0))]
+    assert ids[0] == ids[1]
+    assert ids[0] != validate({"methods": ["none"], "seeds": 1, "run": {"lr": 2}}, "e").runs()[0].id
+
+
 def test_override_quick_and_cli_options():
     exp = override(load("mnist-cnn"), quick=True)
     assert len(exp.seeds) == 2 and exp.run["steps"] == 200

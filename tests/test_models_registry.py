@@ -154,3 +154,27 @@ def test_batch_norm_options_are_checked_like_the_other_norms(name):
         with pytest.raises(ValueError, match=says):
             normlab.norm_layer(name, 8, 2, **bad)
     assert normlab.norm_layer(name, 8, 2, momentum=None).momentum is None
+
+
+@pytest.mark.parametrize("spec, options", [
+    ("bn_shift+msr", {"m": -1.0}),  # the shift-only swap done, then msr rejects m
+    ("std_loss+ws", {"ws.eps": -1.0}),  # BN layers replaced and hooks attached, then ws rejects eps
+    ("ws+bwn", {"p": "x"}),  # a parametrization registered, then bwn rejects p
+])
+def test_apply_is_all_or_nothing(spec, options):
+    torch.manual_seed(0)
+    model = models.cnn(norm="bn").eval()
+    x = torch.randn(4, 1, 28, 28)
+    before_out = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError):
+        normlab.apply(model, spec, **options)
+    assert [type(m) for m in model.modules()] == classes
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+    assert torch.equal(model(x), before_out)
+    # The same model can be passed again, and converts as a fresh one does.
+    handle = normlab.apply(model, spec.split("+")[0])
+    assert handle.swapped == normlab.apply(models.cnn(norm="bn"), spec.split("+")[0]).swapped

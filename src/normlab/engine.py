@@ -75,6 +75,8 @@ class RunConfig:
             raise ValueError(f"percentiles must be numbers in [0, 100], got {self.percentiles!r}")
         if self.dataset not in data_mod.DATASETS:
             raise ValueError(f"dataset must be one of {sorted(data_mod.DATASETS)}, got {self.dataset!r}")
+        # 1 and 1.0 are the same setting: one type, so that they give one run id (spec.run_id).
+        self.lr, self.weight_decay, self.momentum = float(self.lr), float(self.weight_decay), float(self.momentum)
 
     def to_dict(self) -> dict:
         return asdict(self)

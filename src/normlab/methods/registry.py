@@ -297,15 +297,52 @@ def apply(model: nn.Module, spec: str, **options) -> Handle:
     others in the order given. Returns a :class:`Handle` with the model, auxiliary losses and
     optimizer-step hooks. Unknown names, incompatible combinations, unknown options and models with
     nothing to convert raise errors listing what is available.
+
+    All or nothing: when a part raises (a bad option value found by the method itself, a model it
+    cannot convert), the hooks already attached are removed and every module's class, children,
+    parameters, buffers and their values are put back before the error propagates, so the same
+    model can be passed again.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     parts = parse_spec(spec)
     routed = _route(parts, options)
     handle = Handle(model=model, spec=spec)
-    for method in sorted(parts, key=lambda m: m.kind != "norm"):
-        method.apply(handle, **routed[method.name])
+    restore = _snapshot(model)
+    try:
+        for method in sorted(parts, key=lambda m: m.kind != "norm"):
+            method.apply(handle, **routed[method.name])
+    except BaseException:
+        handle.remove()
+        restore()
+        raise
     return handle
+
+
+def _snapshot(model: nn.Module) -> Callable[[], None]:
+    # What a failed apply() puts back: each module's attributes (its class, and the contents of its
+    # own dicts: children, parameters, buffers, hooks, kept in the same dict objects so that hook
+    # handles stay valid) and the values of its parameters and buffers (a method may rescale or
+    # project weights in place).
+    modules = [(m, m.__class__, {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in vars(m).items()})
+               for m in model.modules()]
+    with torch.no_grad():
+        values = [(t, t.clone()) for t in (*model.parameters(), *model.buffers())]
+
+    def restore() -> None:
+        for m, cls, attrs in modules:
+            m.__class__ = cls
+            vars(m).clear()
+            for k, (v, content) in attrs.items():
+                if content is not None:
+                    v.clear()
+                    v.update(content)
+                vars(m)[k] = v
+        with torch.no_grad():
+            for t, saved in values:
+                t.copy_(saved)
+
+    return restore
 
 
 _LOADED = False
