@@ -178,3 +178,12 @@ def test_apply_is_all_or_nothing(spec, options):
     # The same model can be passed again, and converts as a fresh one does.
     handle = normlab.apply(model, spec.split("+")[0])
     assert handle.swapped == normlab.apply(models.cnn(norm="bn"), spec.split("+")[0]).swapped
+
+
+def test_apply_takes_models_with_uninitialized_lazy_layers():
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    with pytest.raises(ValueError):
+        normlab.apply(model, "bn_shift+msr", m=-1.0)  # rolled back without touching the lazy weight
+    assert model[1].weight is not None
+    assert normlab.apply(model, "gn").swapped == ["1"]
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 8, 6, 6)

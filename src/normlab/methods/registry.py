@@ -327,7 +327,7 @@ def _snapshot(model: nn.Module) -> Callable[[], None]:
     modules = [(m, m.__class__, {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in vars(m).items()})
                for m in model.modules()]
     with torch.no_grad():
-        values = [(t, t.clone()) for t in (*model.parameters(), *model.buffers())]
+        values = [(t, t.clone()) for t in (*model.parameters(), *model.buffers()) if not nn.parameter.is_lazy(t)]
 
     def restore() -> None:
         for m, cls, attrs in modules:
