@@ -160,10 +160,12 @@ def test_batch_norm_options_are_checked_like_the_other_norms(name):
     ("bn_shift+msr", {"m": -1.0}),  # the shift-only swap done, then msr rejects m
     ("std_loss+ws", {"ws.eps": -1.0}),  # BN layers replaced and hooks attached, then ws rejects eps
     ("ws+bwn", {"p": "x"}),  # a parametrization registered, then bwn rejects p
+    ("ws+bwn+msr", {"m": -1.0}),  # two parametrizations stacked (bwn's remover would refuse to bake)
 ])
 def test_apply_is_all_or_nothing(spec, options):
     torch.manual_seed(0)
-    model = models.cnn(norm="bn").eval()
+    model = models.cnn(norm="bn").eval().to(memory_format=torch.channels_last)
+    weights = [model[0].weight, model[3].weight]
     x = torch.randn(4, 1, 28, 28)
     before_out = model(x)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -175,6 +177,7 @@ def test_apply_is_all_or_nothing(spec, options):
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
     assert torch.equal(model(x), before_out)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)  # same storage
     # The same model can be passed again, and converts as a fresh one does.
     handle = normlab.apply(model, spec.split("+")[0])
     assert handle.swapped == normlab.apply(models.cnn(norm="bn"), spec.split("+")[0]).swapped
@@ -187,3 +190,38 @@ def test_apply_takes_models_with_uninitialized_lazy_layers():
     assert model[1].weight is not None
     assert normlab.apply(model, "gn").swapped == ["1"]
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 8, 6, 6)
+
+
+def test_apply_rollback_keeps_a_users_parametrization_working():
+    from torch.nn.utils import parametrize
+
+    class Abs(nn.Module):
+        def forward(self, b):
+            return b.abs()
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    parametrize.register_parametrization(model[0], "bias", Abs())  # the conv's class is now its own
+    x = torch.randn(2, 1, 8, 8)
+    before = model(x)
+    with pytest.raises(ValueError):
+        normlab.apply(model, "ws+bwn", p="x")  # ws adds a weight property to that class
+    assert "weight" not in vars(type(model[0]))
+    assert torch.equal(model(x), before)
+
+
+def test_apply_rollback_names_values_it_could_not_put_back(monkeypatch):
+    from normlab.methods import registry
+
+    def scale_then(handle, **options):
+        with torch.no_grad():
+            handle.model[0].weight.mul_(2)  # an in-place write, not declared with writes_weights
+
+    def fail(handle, **options):
+        raise ValueError("second part fails")
+
+    monkeypatch.setitem(registry._METHODS, "_scale", registry.Method("_scale", "", "weight", scale_then))
+    monkeypatch.setitem(registry._METHODS, "_fail", registry.Method("_fail", "", "step", fail))
+    model = models.cnn(norm="bn")
+    with pytest.raises(ValueError, match="second part fails") as info:
+        normlab.apply(model, "_scale+_fail")
+    assert any("['0.weight']" in note and "stay changed" in note for note in info.value.__notes__)

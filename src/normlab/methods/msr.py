@@ -215,7 +215,8 @@ class MeanShiftRejection:
 
 
 @register("msr", "mean shift rejection (Ruff et al. 2019): zero-mean unit-magnitude conv kernels, kept "
-          "zero-mean every step (weight projection by default), optional gradient noise", kind="step")
+          "zero-mean every step (weight projection by default), optional gradient noise", kind="step",
+          writes_weights=True)
 def _apply(handle: Handle, mode: str = "project", m: float = 10.0, noise: float = 0.0, init: bool = True,
            linear: bool = False) -> None:
     """Zero-mean init (``init=True``) and the per-step constraint as the handle's step hooks."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 __all__ = ["Handle", "Method", "register", "register_norm_type", "methods", "apply", "norm_layer",
            "swap_norms", "norm_types", "get_method"]
@@ -43,6 +44,7 @@ class Method:
     apply: Callable[..., None]
     layer: Callable[..., nn.Module] | None = None
     options: tuple[str, ...] = ()
+    writes_weights: bool = False
 
 
 _METHODS: dict[str, Method] = {}
@@ -121,11 +123,13 @@ def _option_names(fn: Callable[..., object], skip: int) -> tuple[str, ...]:
 
 
 def register(name: str, description: str, *, kind: str = "norm",
-             layer: Callable[..., nn.Module] | None = None):
+             layer: Callable[..., nn.Module] | None = None, writes_weights: bool = False):
     """Register a method under ``name``; use as a decorator on its apply function ``fn(handle, **opts)``.
 
     For a plain normalization layer pass ``layer=`` and call ``register(...)(None)``: the apply
     function is then the generic swap of every normalization layer for ``layer(num_features, dims)``.
+    ``writes_weights=True`` says that the apply function changes parameter or buffer values in
+    place, so that :func:`apply` keeps a copy to put back if a later part of a spec fails.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -143,7 +147,7 @@ def register(name: str, description: str, *, kind: str = "norm",
             options = _option_names(layer, 2)
         else:
             options = _option_names(fn, 1)
-        _METHODS[name] = Method(name, description, kind, fn, layer, options)
+        _METHODS[name] = Method(name, description, kind, fn, layer, options, writes_weights)
         return fn
 
     return deco
@@ -299,37 +303,52 @@ def apply(model: nn.Module, spec: str, **options) -> Handle:
     nothing to convert raise errors listing what is available.
 
     All or nothing: when a part raises (a bad option value found by the method itself, a model it
-    cannot convert), the hooks already attached are removed and every module's class, children,
-    parameters, buffers and their values are put back before the error propagates, so the same
-    model can be passed again.
+    cannot convert), every module's class, children, parameters, buffers and hooks are put back
+    before the error propagates, so the same model can be passed again. Parameter values are put
+    back too when a part is registered with ``writes_weights`` (``msr`` initializes the weights in
+    place): for such a spec, ``apply`` keeps a copy of the parameters and buffers while it runs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     parts = parse_spec(spec)
     routed = _route(parts, options)
     handle = Handle(model=model, spec=spec)
-    restore = _snapshot(model)
+    restore = _snapshot(model, copy_values=any(m.writes_weights for m in parts))
     try:
         for method in sorted(parts, key=lambda m: m.kind != "norm"):
             method.apply(handle, **routed[method.name])
-    except BaseException:
-        handle.remove()
-        restore()
+    except BaseException as e:
+        # Not handle.remove(): the removers bake parametrizations into the weights and can refuse;
+        # putting the dicts back removes everything the parts attached.
+        lost = restore()
+        restore = None  # the snapshot is not kept alive by the traceback
+        if lost:
+            e.add_note(f"apply({spec!r}) was rolled back, but the values of {lost} had been changed in "
+                       "place by a method not registered with writes_weights=True and stay changed")
         raise
     return handle
 
 
-def _snapshot(model: nn.Module) -> Callable[[], None]:
+def _snapshot(model: nn.Module, copy_values: bool) -> Callable[[], list[str]]:
     # What a failed apply() puts back: each module's attributes (its class, and the contents of its
     # own dicts: children, parameters, buffers, hooks, kept in the same dict objects so that hook
-    # handles stay valid) and the values of its parameters and buffers (a method may rescale or
-    # project weights in place).
+    # handles stay valid); the attributes of an already parametrized module's own class, to which
+    # torch.nn.utils.parametrize adds a property for each new parametrized tensor; and, with
+    # copy_values, the values of the parameters and buffers. restore() returns the names of the
+    # tensors changed in place that it could not put back (no copy).
     modules = [(m, m.__class__, {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in vars(m).items()})
                for m in model.modules()]
-    with torch.no_grad():
-        values = [(t, t.clone()) for t in (*model.parameters(), *model.buffers()) if not nn.parameter.is_lazy(t)]
+    classes = {type(m): dict(vars(type(m))) for m in model.modules() if parametrize.is_parametrized(m)}
+    tensors = [(name, t, t._version, t.clone() if copy_values else None)
+               for name, t in (*model.named_parameters(), *model.named_buffers()) if not nn.parameter.is_lazy(t)]
 
-    def restore() -> None:
+    def restore() -> list[str]:
+        for cls, attrs in classes.items():
+            for k in [k for k in vars(cls) if k not in attrs]:
+                delattr(cls, k)
+            for k, v in attrs.items():
+                if vars(cls).get(k) is not v:
+                    setattr(cls, k, v)
         for m, cls, attrs in modules:
             m.__class__ = cls
             vars(m).clear()
@@ -338,9 +357,15 @@ def _snapshot(model: nn.Module) -> Callable[[], None]:
                     v.clear()
                     v.update(content)
                 vars(m)[k] = v
+        lost = []
         with torch.no_grad():
-            for t, saved in values:
-                t.copy_(saved)
+            for name, t, version, saved in tensors:
+                if t._version != version:
+                    if saved is None:
+                        lost.append(name)
+                    else:
+                        t.copy_(saved)
+        return lost
 
     return restore
 
