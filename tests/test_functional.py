@@ -161,11 +161,28 @@ def test_patch_moments_keep_float32_precision_under_a_large_input_mean(padding):
     x = torch.randn(64, 1, 12, 12) * 0.5 + 1000.0
     w = torch.randn(4, 1, 3, 3)
     pm = patch_moments(x, w, None, stride=2, padding=padding)
-    w2 = w.view(4, -1)
+    w2 = w.view(4, -1).double()
     _, var = channel_moments(F.conv2d(x.double(), w.double(), None, 2, padding))
-    torch.testing.assert_close(((w2 @ pm.cov) * w2).sum(1).double(), var, rtol=1e-4, atol=0)
+    assert pm.cov.dtype == pm.mean.dtype == torch.float64
+    torch.testing.assert_close(((w2 @ pm.cov) * w2).sum(1), var, rtol=1e-4, atol=0)
     if not padding:
         torch.testing.assert_close(pm.mean.double(), x.double().mean().expand(9), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_patch_moments_keep_precision_when_examples_differ_in_level_against_a_zero_sum_kernel(padding):
+    # Examples 1000x apart in level, a kernel that sums to 0: the output's variance comes from the
+    # small spread within examples, which a float32 covariance of all patches would round away
+    # (the loss came out 25.82 / 33.86 instead of 25.13 / 25.92 before the per-example shift).
+    torch.manual_seed(0)
+    for level in (10.0, 30.0):
+        x = torch.randn(64, 1, 1, 1) * level + torch.randn(64, 1, 28, 28) * 0.01
+        w = torch.randn(8, 1, 3, 3)
+        w -= w.mean((2, 3), keepdim=True)
+        b = torch.zeros(8)
+        got = layer_kls([patch_moments(x, w, b, padding=padding)])
+        ref = standardization_kl(F.conv2d(x.double(), w.double(), b.double(), padding=padding))
+        torch.testing.assert_close(got.double(), ref.reshape(got.shape), rtol=1e-4, atol=0)  # was 3e-2
 
 
 def test_patch_moments_keep_precision_when_input_channels_have_different_means():
@@ -177,10 +194,10 @@ def test_patch_moments_keep_precision_when_input_channels_have_different_means()
     w = torch.randn(6, 2, 3, 3)
     for padding in (0, 1):
         pm = patch_moments(x, w, None, padding=padding)
-        w2 = w.view(6, -1)
+        w2 = w.view(6, -1).double()
         mean, var = channel_moments(F.conv2d(x.double(), w.double(), None, 1, padding))
-        torch.testing.assert_close(((w2 @ pm.cov) * w2).sum(1).double(), var, rtol=1e-4, atol=0)
-        torch.testing.assert_close((w2 @ pm.mean).double(), mean, rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(((w2 @ pm.cov) * w2).sum(1), var, rtol=1e-4, atol=0)
+        torch.testing.assert_close(w2 @ pm.mean, mean, rtol=1e-4, atol=1e-2)
 
 
 def test_gradient_of_a_nearly_constant_channel_far_from_zero():
@@ -218,3 +235,15 @@ def test_patch_moments_bad_inputs():
         patch_moments(torch.randn(1, 1, 3, 3), w)  # one patch: no variance
     with pytest.raises(TypeError, match="Tensor or a PatchMoments"):
         layer_kls([torch.randn(4, 2), "z"])
+
+
+def test_out_of_range_dims_and_zero_strides_are_errors():
+    z = torch.randn(4, 3, 5, 5)
+    for dim in ((0, 5), -5, 4):
+        with pytest.raises(IndexError, match="dim must name dims of z"):
+            standardization_kl(z, dim=dim)
+    w = torch.randn(2, 3, 3, 3)
+    with pytest.raises(ValueError, match="stride must be an int >= 1"):
+        patch_moments(z, w, stride=0)
+    with pytest.raises(ValueError, match="dilation must be an int >= 1"):
+        patch_moments(z, w, dilation=0)

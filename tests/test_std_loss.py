@@ -504,3 +504,75 @@ def test_batch_bad_input():
     for bad in ([5], [-6]):
         with pytest.raises(IndexError, match=r"outside \[-5, 5\) for data of 5 rows"):
             std.batch(torch.randn(5, 1, 8, 8), bad)
+
+
+def _first_conv_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+
+
+def test_a_first_conv_with_other_hooks_records_its_output():
+    x = torch.randn(8, 1, 8, 8)
+    losses = []
+    for patches in (True, False):
+        m = _first_conv_model()
+        pre = m[0].register_forward_pre_hook(lambda mod, args: (args[0] * 3 + 5,))
+        with StandardizationLoss(m, patch_moments=patches) as std:
+            m(x)
+            losses.append(std())
+        pre.remove()
+        post = m[0].register_forward_hook(lambda mod, args, out: out * 2 + 1)
+        with StandardizationLoss(m, patch_moments=patches) as std:
+            m(x)
+            losses.append(std())
+        post.remove()
+    torch.testing.assert_close(losses[0], losses[2])
+    torch.testing.assert_close(losses[1], losses[3])
+
+
+def test_empty_batch_runs_forward_and_the_loss_says_why_it_has_no_value():
+    m = _first_conv_model()
+    with StandardizationLoss(m, patch_moments=True) as std:
+        assert m(torch.empty(0, 1, 8, 8)).shape == (0, 2)
+        with pytest.raises(ValueError, match="undefined"):
+            std()
+
+
+def test_a_deep_copy_of_the_model_does_not_report_into_the_loss():
+    import copy
+
+    m = _first_conv_model()
+    x = torch.randn(8, 1, 8, 8)
+    std = StandardizationLoss(m, patch_moments=True)
+    m(x)
+    alone = std()
+    twin = copy.deepcopy(m)
+    twin(x * 10)
+    m(x)
+    torch.testing.assert_close(std(), alone)  # only m's layer, once
+    std.remove()
+
+
+def test_bad_probe_targets_and_eps_are_named():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    m = nn.Sequential(nn.Linear(3, 3), Pair())
+    with StandardizationLoss(m, modules=[m[1]]):
+        with pytest.raises(TypeError, match="module '1' returned a tuple"):
+            m(torch.randn(4, 3))
+    for eps in (float("inf"), None, "a"):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            StandardizationLoss(m, modules=[m[0]], eps=eps)
+
+
+def test_batch_rejects_uint8_masks_and_takes_unsigned_numpy_indices():
+    import numpy as np
+
+    data = torch.randn(10, 1, 8, 8)
+    std = StandardizationLoss(_first_conv_model())
+    with pytest.raises(ValueError, match="uint8 index a tensor as masks"):
+        std.batch(data, torch.tensor([1, 0, 1], dtype=torch.uint8))
+    idx = np.array([3, 1, 9], dtype=np.uint64)
+    assert torch.equal(std.batch(data, idx), data[[3, 1, 9]])

@@ -34,6 +34,8 @@ def _reduced_dims(z: Tensor, dim: int | Sequence[int] | None) -> tuple[int, ...]
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
     if not dims:
         raise ValueError("dim must name at least one dimension to reduce over, or be None")
+    if not all(isinstance(d, int) and -z.dim() <= d < z.dim() for d in dims):
+        raise IndexError(f"dim must name dims of z, in [-{z.dim()}, {z.dim()}) for shape {tuple(z.shape)}; got {dim}")
     dims = tuple(sorted(d % z.dim() for d in dims))
     if len(set(dims)) != len(dims):
         raise ValueError(f"dim has repeated entries: {dim}")
@@ -93,20 +95,21 @@ class PatchMoments(NamedTuple):
     count: int
 
 
-def _ntuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+def _ntuple(value: int | Sequence[int], n: int, name: str, least: int = 0) -> tuple[int, ...]:
     out = (value,) * n if isinstance(value, int) else tuple(value)
-    if len(out) != n or not all(isinstance(v, int) and v >= 0 for v in out):
-        raise ValueError(f"{name} must be an int >= 0 or a tuple of {n} of them, got {value!r}")
+    if len(out) != n or not all(isinstance(v, int) and v >= least for v in out):
+        raise ValueError(f"{name} must be an int >= {least} or a tuple of {n} of them, got {value!r}")
     return out
 
 
 def _shifted_patches(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
                      dilation: tuple[int, ...], shift: Tensor) -> tuple[Tensor, int]:
     # The (K, N, P) patches of x (K = C_in * prod(kernel) entries, P output positions) in one strided
-    # copy, every entry (the zero padding too) minus its input channel's shift; and P.
+    # copy, every entry (the zero padding too) minus its input channel's shift, (C_in,) or per
+    # example (N, C_in); and P.
     d = x.dim() - 2
     xs = x.detach().transpose(0, 1)  # (C_in, N, *spatial): the patch index (C_in, *kernel) leads
-    shift_b = shift.view(-1, *(1,) * (d + 1))
+    shift_b = (shift.view(-1, 1) if shift.dim() == 1 else shift.t()).reshape(xs.shape[0], -1, *(1,) * d)
     xs = F.pad(xs, [p for p in reversed(padding) for _ in (0, 1)]).sub_(shift_b) if any(padding) else xs - shift_b
     out = [(size - dil * (k - 1) - 1) // st + 1 for size, k, st, dil in zip(xs.shape[2:], kernel, stride, dilation)]
     if min(out) < 1:
@@ -126,11 +129,15 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
     one group, 1 to 3 spatial dims), for the standardization loss of a first layer.
 
     Computes ``m = mean_p x_p`` and ``S = mean_p (x_p - m)(x_p - m)^T`` over the ``N * prod(out)``
-    patches of ``x`` (without gradient: ``x`` is data), from one strided copy of the patches,
-    shifted by each input channel's mean, and one K x K matrix product; ``x`` must be float32 or
-    float64. Raises ``ValueError`` when there is a single patch (the variance is undefined). On the
-    paper's MNIST CNN (patches of K = 9 values, 32 output channels) this is much less memory traffic
-    than the statistics and gradient of the (N, 32, 14, 14) output it replaces.
+    patches of ``x`` (without gradient: ``x`` is data), from one strided copy of the patches and one
+    K x K matrix product; ``x`` must be float32 or float64, ``m`` and ``S`` are float64. Each example
+    ``i`` is shifted by its own channel means ``s_i``, so the product sums only the spread within
+    examples, ``y_ip = x_ip - s_i``; the spread between them is added in float64:
+    ``N P S = sum y y^T + sum_i (Y_i d_i^T + d_i Y_i^T + P d_i d_i^T)`` with ``Y_i = sum_p y_ip`` and
+    ``d_i = s_i - m`` (no cancellation when examples differ in level far more than within, e.g.
+    against a zero-sum kernel). Raises ``ValueError`` when there is a single patch (the variance is
+    undefined). On the paper's MNIST CNN (patches of K = 9 values, 32 output channels) this is much
+    less memory traffic than the statistics and gradient of the (N, 32, 14, 14) output it replaces.
     """
     d = x.dim() - 2
     if d not in (1, 2, 3) or weight.dim() != d + 2 or x.shape[1] != weight.shape[1]:
@@ -138,22 +145,25 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
                          f"of shape (C_out, C_in, *kernel); got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"patch_moments needs a float32 or float64 x, got {x.dtype}")
-    stride, padding, dilation = (_ntuple(v, d, n) for v, n in ((stride, "stride"), (padding, "padding"),
-                                                              (dilation, "dilation")))
+    stride, dilation = _ntuple(stride, d, "stride", 1), _ntuple(dilation, d, "dilation", 1)
+    padding = _ntuple(padding, d, "padding")
     kernel = tuple(weight.shape[2:])
     with torch.no_grad():
-        # Shift every patch entry by its input channel's mean: the covariance is unchanged and the
-        # float32 second moments below lose no precision to large means.
-        shift = x.detach().mean((0, *range(2, x.dim())))
-        patches, positions = _shifted_patches(x, kernel, stride, padding, dilation, shift)
+        shift = x.detach().mean(tuple(range(2, x.dim())))  # s_i: (N, C_in)
+        patches, positions = _shifted_patches(x, kernel, stride, padding, dilation, shift)  # (K, N, P)
         count = x.shape[0] * positions
         if count < 2:
             raise ValueError(f"the output variance of a conv on input {tuple(x.shape)} is undefined (one output "
                              "position per channel): use a batch of at least 2 samples")
-        patches = patches.reshape(len(patches), count)
-        mean = patches.sum(1).div_(count)
-        cov = torch.mm(patches, patches.T).div_(count).sub_(torch.outer(mean, mean))
-        mean += shift.repeat_interleave(math.prod(kernel))
+        k = len(patches)
+        sums = patches.sum(2).T.double()  # Y_i: (N, K)
+        flat = patches.reshape(k, count)
+        gram = torch.mm(flat, flat.T).double()
+        s = shift.double().repeat_interleave(math.prod(kernel), dim=1)  # (N, K)
+        mean = sums.sum(0).add_(s.sum(0), alpha=positions).div_(count)
+        dev = s - mean
+        cross = torch.mm(sums.T, dev)
+        cov = torch.addmm(gram.add_(cross).add_(cross.T), dev.T, dev, alpha=positions).div_(count)
     return PatchMoments(weight, bias, mean, cov, count)
 
 
@@ -217,6 +227,8 @@ class _KL(torch.autograd.Function):
                 mean = torch.mv(w, m) if bias is None else torch.addmv(bias.to(cov.dtype), w, m)
                 wcov = torch.mm(w, cov)
                 var = (wcov * w).sum(1).clamp_(min=0.0)
+                if weight.dtype in (torch.float32, torch.float64) and weight.dtype != var.dtype:
+                    mean, var = mean.to(weight.dtype), var.to(weight.dtype)  # computed in float64
                 counts.append(count)
                 saved += [wcov, m]
                 params.append((weight.shape, weight.dtype, None if bias is None else bias.dtype))

@@ -53,11 +53,17 @@ def _patch_conv(module: nn.Module, patch: bool | None) -> bool:
 
 
 def _takes_patches(module: nn.Module, x: object) -> bool:
-    # Whether a patch conv's moments can come from its input x: x is data (needs no gradient) and
-    # the conv runs in x's own float32/64 precision (not under autocast).
+    # Whether a patch conv's moments can come from its input x: x is data (needs no gradient), a
+    # batch of at least one, and the conv runs in x's own float32/64 precision (not under autocast).
     return isinstance(x, Tensor) and not x.requires_grad and x.dtype == module.weight.dtype \
         and x.dim() == module.weight.dim() and x.dtype in (torch.float32, torch.float64) \
-        and not torch.is_autocast_enabled(x.device.type)
+        and len(x) > 0 and not torch.is_autocast_enabled(x.device.type)
+
+
+# torch's global module hooks (nn.modules.module.register_module_forward_*_hook), which run on every
+# module and may change a first conv's input or output.
+_global_hooks = tuple(getattr(torch.nn.modules.module, n, {}) for n in (
+    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_always_called"))
 
 
 def _geometry(module: nn.Module) -> tuple[tuple[int, ...], ...]:
@@ -187,8 +193,8 @@ class StandardizationLoss:
             raise ValueError(f"reduction must be 'sum' or 'mean' (per layer), got {reduction!r}")
         if record not in ("output", "input"):
             raise ValueError(f"record must be 'output' or 'input', got {record!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         self.weight = float(weight)
         self.eps = float(eps)
         self.reduction = reduction
@@ -214,7 +220,12 @@ class StandardizationLoss:
         for m in firsts:
             if _patch_conv(m, patch_moments):
                 self._hooks += [m.register_forward_pre_hook(self._take), m.register_forward_hook(self._produce)]
-        self._hooks += [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
+        self._hooks += [m.register_forward_hook(self._hook(name, m)) for name, m in self.modules]
+        # The hooks act on these modules only: a copy.deepcopy of the model copies the hooks too, and
+        # a copy's forward must not report into this loss. A first conv with hooks of others (which
+        # may change its input or output) records its output instead of taking patch moments.
+        self._ids = {id(m) for m in firsts} | {id(m) for _, m in self.modules}
+        self._own = {h.id for h in self._hooks}
 
     @staticmethod
     def _resolve(model: nn.Module, modules: Iterable[nn.Module | str] | None) -> list[tuple[str, nn.Module]]:
@@ -230,7 +241,8 @@ class StandardizationLoss:
         return out
 
     def _take(self, module: nn.Module, args: tuple) -> None:
-        if module.training and _recording() and args and _takes_patches(module, args[0]):
+        if module.training and _recording() and args and _takes_patches(module, args[0]) \
+                and id(module) in self._ids and self._alone(module):
             geometry = _geometry(module)
             moments = self._from_table(module, args[0], geometry)
             if moments is None:
@@ -262,19 +274,33 @@ class StandardizationLoss:
         mean = picked[:, :k].mean(0)
         d = picked[:, :k] - mean
         cov = torch.addmm(picked[:, k:].sum(0).view(k, k), d.T, d, alpha=positions).div_(len(index) * positions)
-        return PatchMoments(module.weight, module.bias, mean.to(x.dtype), cov.to(x.dtype), len(index) * positions)
+        return PatchMoments(module.weight, module.bias, mean, cov, len(index) * positions)
+
+    def _alone(self, module: nn.Module) -> bool:
+        # No hook but this loss's on the module, and no global module hook.
+        hooks = (module._forward_pre_hooks, module._forward_hooks)
+        return all(k in self._own for d in hooks for k in d) and not (
+            _global_hooks[0] or _global_hooks[1] or _global_hooks[2])
 
     def _produce(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         moments = self._early.pop(id(module), None) if self._early else None
         if moments is not None:
             self._produced[id(output)] = (moments, output)
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, target: nn.Module):
         use_input = self.record == "input"
+        target_id = id(target)
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            if module.training and _recording():
+            if module.training and _recording() and id(module) == target_id:
+                if use_input and not args:
+                    raise TypeError(f"record='input': module '{name}' was called with keyword arguments only; "
+                                    "call it with its input as the first positional argument, or record='output'")
                 z = args[0] if use_input else output
+                if not isinstance(z, Tensor):
+                    raise TypeError(f"the standardization loss records a tensor per probed module, but module "
+                                    f"'{name}' {'got' if use_input else 'returned'} a {type(z).__name__}; leave "
+                                    "it out of modules=[...] (probe the layers inside it instead)")
                 moments, out = self._produced.pop(id(z), (None, None)) if self._produced else (None, None)
                 if out is not z:
                     moments = None
@@ -334,9 +360,12 @@ class StandardizationLoss:
             raise ValueError(f"data must be a tensor of examples (N, ...) with at least 2 dims, got shape "
                              f"{tuple(data.shape)}")
         index = torch.as_tensor(index, device=data.device)
-        if index.dim() != 1 or index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        if index.dim() != 1 or index.is_floating_point() or index.is_complex() or index.dtype in (torch.bool, torch.uint8):
             raise ValueError(f"index must be a 1-D tensor of integer row numbers, got {index.dtype} of shape "
-                             f"{tuple(index.shape)}; for a boolean mask pass mask.nonzero().squeeze(1)")
+                             f"{tuple(index.shape)} (bool and uint8 index a tensor as masks); for a mask pass "
+                             "mask.nonzero().squeeze(1)")
+        if index.dtype != torch.long:
+            index = index.long()  # unsigned numpy indices have no min/max in torch
         n = len(data)
         if len(index) and not -n <= int(index.min()) <= int(index.max()) < n:
             raise IndexError(f"index has row numbers outside [-{n}, {n}) for data of {n} rows")
