@@ -225,3 +225,59 @@ def test_apply_rollback_names_values_it_could_not_put_back(monkeypatch):
     with pytest.raises(ValueError, match="second part fails") as info:
         normlab.apply(model, "_scale+_fail")
     assert any("['0.weight']" in note and "stay changed" in note for note in info.value.__notes__)
+
+
+def test_group_norms_never_split_n_c_input_into_one_feature_groups():
+    torch.manual_seed(0)
+    x = torch.randn(5, 10)
+    for norm in ("gn", "bcn"):
+        m = models.mlp(norm=norm, in_features=10, hidden=(16, 16)).eval()  # dims 0: 8 groups of 2
+        assert m[2].num_groups == 8
+        assert (m(x) - m(torch.randn(5, 10))).abs().max() > 1e-2  # the output depends on the input
+        swapped = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+        normlab.apply(swapped, norm)  # BatchNorm1d: (N, C) or (N, C, L), so 16 groups are kept ...
+        with pytest.raises(ValueError, match="output would be the bias alone"):
+            swapped(x)  # ... and (N, C) input is refused
+        assert swapped[1](torch.randn(5, 16, 3)).shape == (5, 16, 3)  # (N, C, L) is fine
+
+
+def test_none_and_nf_strip_every_normalization_layer():
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.Conv2d(8, 8, 3), nn.SyncBatchNorm(8),
+                             nn.Conv2d(8, 8, 1), nn.InstanceNorm2d(8), nn.LayerNorm([8, 4, 4]))
+
+    for spec in ("none", "nf"):
+        m = model()
+        assert normlab.apply(m, spec).swapped == ["1", "3", "5", "6"]
+        assert not any(isinstance(x, (nn.GroupNorm, nn.SyncBatchNorm, nn.InstanceNorm2d, nn.LayerNorm))
+                       for x in m.modules())
+    lazy = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(TypeError, match="run one forward pass"):
+        normlab.apply(lazy, "gn")
+    assert normlab.apply(lazy, "none").swapped == ["1"]
+
+
+def test_weight_methods_refuse_transposed_convs_and_stacked_ones_remove_cleanly():
+    from torch.nn.utils import parametrize
+
+    for spec in ("ws", "bwn"):
+        with pytest.raises(ValueError, match="ConvTranspose2d stores its weight as"):
+            normlab.apply(nn.Sequential(nn.ConvTranspose2d(4, 6, 3), nn.BatchNorm2d(6)), spec, modules=["0"])
+    for spec in ("ws+bwn", "bwn+ws", "nf+bwn"):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+        handle = normlab.apply(m, spec)
+        x = torch.randn(2, 3, 8, 8)
+        y = m(x)
+        handle.remove()  # bakes the stack from its first parametrization
+        assert not any(parametrize.is_parametrized(mod) for mod in m.modules())
+        torch.testing.assert_close(m(x), y)
+
+
+@pytest.mark.parametrize("name", ["bn", "bn_shift", "gn", "ln", "l1bn", "topkbn", "bcn", "estbn"])
+def test_norm_layers_refuse_non_finite_eps_and_no_features(name):
+    for eps in (-1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            normlab.norm_layer(name, 8, 2, eps=eps)
+    with pytest.raises(ValueError, match="num_features must be a positive int"):
+        normlab.norm_layer(name, 0, 2)

@@ -35,6 +35,15 @@ def pick_by_dims(name: str, one: type, two: type, dims: int | None) -> type:
     raise ValueError(f"{name} supports dims 0 or 1 ((N, C) or (N, C, L) input) and 2 (images), got dims={dims!r}")
 
 
+def check_layer_args(num_features: int, eps: float) -> None:
+    """Raise ``ValueError`` unless ``num_features`` is a positive int and ``eps`` a finite number > 0
+    (the arguments every normalization layer takes)."""
+    if isinstance(num_features, bool) or not (isinstance(num_features, int) and num_features > 0):
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 < eps < float("inf")):
+        raise ValueError(f"eps must be a finite number > 0 (it is added to the variance), got {eps!r}")
+
+
 def check_input(module: nn.Module, x: Tensor, ndims: tuple[int, ...]) -> None:
     """Raise a clear error unless ``x`` has one of ``ndims`` dims and ``module.num_features`` channels."""
     if x.dim() not in ndims:
@@ -113,6 +122,9 @@ def weight_of(module: nn.Module, name: str, what: str) -> Tensor:
     if w.dim() < 2:
         raise ValueError(f"{what}: {type(module).__name__}.{name} has shape {tuple(w.shape)}; it needs "
                          "(out, in, *kernel) with at least 2 dims")
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and name == "weight":
+        raise ValueError(f"{what}: {type(module).__name__} stores its weight as (in, out / groups, *kernel), so a "
+                         "per-output-filter transform would act on its input channels; leave it out (modules=[...])")
     return w
 
 

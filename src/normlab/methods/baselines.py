@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import Handle, register, swap_norms
+from ._common import check_layer_args
+from .registry import Handle, register, strip_norms
 
 _BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -31,8 +32,7 @@ def batch_norm(num_features: int, dims: int | None = 2, eps: float = 1e-5, momen
     if momentum is not None and not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
         raise ValueError(f"momentum must be in (0, 1] (the weight of the newest batch) or None for a "
                          f"cumulative average, got {momentum!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    check_layer_args(num_features, eps)
     layer = _bn_class(dims)(num_features, eps=eps, momentum=momentum, affine=affine)
     if affine and not scale:
         del layer.weight
@@ -58,5 +58,6 @@ register("bn_shift", "batch norm with a learnable shift only, as in the std-loss
 
 @register("none", "no normalization: every normalization layer becomes the identity", layer=identity)
 def none(handle: Handle) -> None:
-    """Strip every normalization layer (a model without any is already the baseline)."""
-    handle.swapped.extend(swap_norms(handle.model, identity))
+    """Strip every normalization layer, group/layer/instance norm too (:func:`strip_norms`; a model
+    without any is already the baseline)."""
+    handle.swapped.extend(strip_norms(handle.model))

@@ -42,17 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .groupnorm import check_groups
-from ._common import check_input, init_running_stats, pick_by_dims, running_affine, values_per_channel
+from .groupnorm import _for_dims, check_group_input, check_groups
+from ._common import (check_input, check_layer_args, init_running_stats, pick_by_dims, running_affine,
+                      values_per_channel)
 from .registry import register, register_norm_type
 
 __all__ = ["EstimatedBatchNorm1d", "EstimatedBatchNorm2d", "BatchChannelNorm1d", "BatchChannelNorm2d"]
 
 def _check_args(num_features: int, eps: float, momentum: float | None) -> None:
-    if not (isinstance(num_features, int) and num_features > 0):
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    check_layer_args(num_features, eps)
     if momentum is not None and not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
         raise ValueError(f"momentum must be in (0, 1] (the weight of the newest batch) or None for a "
                          f"cumulative average, got {momentum!r}; 0 would freeze the estimates")
@@ -181,6 +179,7 @@ class BatchChannelNorm2d(_RunningStats):
             momentum = self._momentum() if self.training else 0.0
             u = F.batch_norm(x, self.running_mean, self.running_var, self.bn_weight, self.bn_bias, self.training,
                              momentum, self.eps)
+        check_group_input(self, x, self.num_groups)
         return F.group_norm(u, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
@@ -208,7 +207,7 @@ def batch_channel_norm(num_features: int, dims: int | None = 2, num_groups: int 
                        momentum: float | None = 0.1, estimate: bool = False, affine: bool = True) -> nn.Module:
     """``BatchChannelNorm1d`` for dims 0/1, ``BatchChannelNorm2d`` for dims 2."""
     cls = pick_by_dims("bcn", BatchChannelNorm1d, BatchChannelNorm2d, dims)
-    return cls(num_features, num_groups, eps, momentum, estimate, affine)
+    return cls(num_features, _for_dims(num_features, num_groups, dims), eps, momentum, estimate, affine)
 
 
 def estimated_batch_norm(num_features: int, dims: int | None = 2, eps: float = 1e-5, momentum: float | None = 0.1,

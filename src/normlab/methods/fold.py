@@ -42,15 +42,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from ._common import own_class, running_affine
-from .registry import norm_types
+from .registry import OTHER_NORMS, norm_types
 from .std_loss import _Probe
 
 __all__ = ["fold", "fold_report", "FoldReport"]
 
 _INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
-# Normalizations that are never per-channel affine in eval: reported, never folded.
-_OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
-                nn.RMSNorm)
 _Pairs = list[tuple[str, str, tuple[Tensor, Tensor]]]  # (norm name, conv/linear name, (scale, shift))
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
@@ -104,7 +101,7 @@ def _is_foldable_kind(m: nn.Module) -> bool:
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return _is_foldable_kind(m) or isinstance(m, _OTHER_NORMS + norm_types())
+    return _is_foldable_kind(m) or isinstance(m, OTHER_NORMS + norm_types())
 
 
 @torch.no_grad()

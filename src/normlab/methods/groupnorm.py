@@ -13,7 +13,10 @@ at each position). For ``(N, C)`` input layer norm is the usual ``nn.LayerNorm(C
 
 Groups that do not divide the channels: the largest divisor of ``num_features`` that is at most
 ``num_groups`` is used (:func:`check_groups`; 100 channels with 32 groups -> 25 groups, 16
-channels with 32 groups -> 16 groups, i.e. instance norm). None of these layers uses batch
+channels with 32 groups -> 16 groups, i.e. instance norm). On ``(N, C)`` input a group needs at
+least 2 features (one feature per group normalizes every value to 0): built for ``dims=0`` the
+layers pick such a count (16 features -> 8 groups), and a layer given ``(N, C)`` input split into
+one-feature groups raises (:func:`check_group_input`). None of these layers uses batch
 statistics, so they behave the same in training and eval and each sample is normalized alone.
 """
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import check_input, pick_by_dims
+from ._common import check_input, check_layer_args, pick_by_dims
 from .registry import register, register_norm_type
 
 __all__ = ["GroupNorm1d", "GroupNorm2d", "LayerNorm1d", "LayerNorm2d", "check_groups"]
@@ -40,6 +43,26 @@ def check_groups(num_features: int, num_groups: int) -> int:
     return g
 
 
+def check_group_input(module: nn.Module, x: Tensor, num_groups: int) -> None:
+    """Raise for (N, C) input split into groups of one feature: each group is then a single value
+    per sample, normalized to 0, and the layer outputs its bias whatever the input."""
+    if x.dim() == 2 and x.shape[1] == num_groups:
+        raise ValueError(
+            f"{type(module).__name__}({x.shape[1]}) with {num_groups} groups on (N, C) input normalizes "
+            "each feature on its own to 0: the output would be the bias alone. Pass num_groups with at "
+            f"least 2 features per group (a divisor of {x.shape[1]} up to {x.shape[1] // 2}), or build it "
+            "for dims=0 (models.mlp does), which picks such a count")
+
+
+def _for_dims(num_features: int, num_groups: int, dims: int | None) -> int:
+    # dims 0 means (N, C) input: at least 2 features per group (see check_group_input).
+    if dims == 0 and isinstance(num_features, int) and not isinstance(num_features, bool) and num_features > 0:
+        if num_features < 2:
+            raise ValueError("group norm of a single feature on (N, C) input is undefined (one value per sample)")
+        return min(num_groups, num_features // 2) if isinstance(num_groups, int) and num_groups > 0 else num_groups
+    return num_groups
+
+
 class GroupNorm2d(nn.GroupNorm):
     """Group norm for (N, C, H, W) input (Wu & He 2018, arXiv 1803.08494):
     ``y = (x - mu_{n,g}) / sqrt(var_{n,g} + eps) * weight_c + bias_c`` over the channels of each group
@@ -55,11 +78,14 @@ class GroupNorm2d(nn.GroupNorm):
 
     def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True,
                  device=None, dtype=None) -> None:
+        check_layer_args(num_features, eps)
         super().__init__(check_groups(num_features, num_groups), num_features, eps, affine, device, dtype)
         self.num_features = num_features
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self._ndims)
+        if self.num_groups > 1:
+            check_group_input(self, x, self.num_groups)
         return super().forward(x)
 
     def extra_repr(self) -> str:
@@ -104,8 +130,9 @@ for _cls in (GroupNorm2d, LayerNorm2d):
 
 def group_norm(num_features: int, dims: int | None = 2, num_groups: int = 32, eps: float = 1e-5,
                affine: bool = True) -> nn.Module:
-    """``GroupNorm1d`` for dims 0/1, ``GroupNorm2d`` for dims 2."""
-    return pick_by_dims("gn", GroupNorm1d, GroupNorm2d, dims)(num_features, num_groups, eps, affine)
+    """``GroupNorm1d`` for dims 0/1, ``GroupNorm2d`` for dims 2 (dims 0: groups of >= 2 features)."""
+    return pick_by_dims("gn", GroupNorm1d, GroupNorm2d, dims)(num_features, _for_dims(num_features, num_groups, dims),
+                                                              eps, affine)
 
 
 def layer_norm(num_features: int, dims: int | None = 2, eps: float = 1e-5, affine: bool = True) -> nn.Module:

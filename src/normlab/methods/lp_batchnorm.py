@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._common import check_input, init_running_stats, pick_by_dims, running_affine, values_per_channel
+from ._common import (check_input, check_layer_args, init_running_stats, pick_by_dims, running_affine,
+                      values_per_channel)
 from .registry import register, register_norm_type
 
 __all__ = ["L1BatchNorm1d", "L1BatchNorm2d", "TopKBatchNorm1d", "TopKBatchNorm2d", "lp_batch_norm",
@@ -240,11 +241,8 @@ class _LpBatchNorm(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        if not (isinstance(num_features, int) and num_features >= 1):
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
-        if momentum is not None and not 0 <= momentum <= 1:
+        check_layer_args(num_features, eps)
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
             raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
         self.num_features = num_features
         self.eps = float(eps)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .registry import Handle, register, swap_norms
+from .registry import Handle, register, strip_norms
 from ._common import CONVS as _CONVS
 from ._common import remove_one_parametrization, resolve_modules
 from .ws import _LOW, _centred, _check_weight, _leaves
@@ -295,7 +295,7 @@ def _apply_nf(handle: Handle, gamma: float | str = 1.0, eps: float = 1e-4, clip:
                          "head to standardize; pass head=[...] or linear=True")
     for _, m in targets:
         _check_weight(m, "weight", "nf")
-    handle.swapped.extend(swap_norms(model, lambda nf, dims: nn.Identity()))
+    handle.swapped.extend(strip_norms(model))
     for i, (_, m) in enumerate(targets):
         scaled_weight_standardization(m, g if i > 0 else 1.0, eps)
     agc = AdaptiveGradientClipping(model, clip, agc_eps, [m for _, m in heads]) if clip > 0 else None

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = ["Handle", "Method", "register", "register_norm_type", "methods", "apply", "norm_layer",
-           "swap_norms", "norm_types", "get_method"]
+           "swap_norms", "strip_norms", "norm_types", "get_method", "OTHER_NORMS"]
 
 # kinds: "norm" replaces normalization layers (at most one per combination), "weight" transforms
 # weights, "loss" adds an auxiliary loss, "step" acts around the optimizer step.
@@ -48,7 +48,14 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_NORM_TYPES: dict[type, int | None] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+# SyncBatchNorm takes any (N, C, ...) input; it is taken for images, its common use (a replacement
+# built for 2-D input names the shape it gets otherwise).
+_NORM_TYPES: dict[type, int | None] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.SyncBatchNorm: 2,
+                                       nn.LazyBatchNorm1d: 1, nn.LazyBatchNorm2d: 2, nn.LazyBatchNorm3d: 3}
+# Normalization layers that are not batch norm's kind (per sample, or over other dims): swap_norms
+# leaves them, strip_norms removes them too.
+OTHER_NORMS: tuple[type, ...] = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
+                                 nn.LocalResponseNorm, nn.RMSNorm)
 
 
 @dataclass
@@ -91,8 +98,10 @@ class Handle:
             fn()
 
     def remove(self) -> None:
-        """Remove every hook the methods attached (layer swaps stay)."""
-        for fn in reversed(self.removers):
+        """Remove every hook the methods attached (layer swaps stay), in the order they were applied:
+        weight parametrizations stacked on one weight (``ws+bwn``) are baked from the first, the only
+        one that can be baked alone, so the weights keep the values the model computes with."""
+        for fn in self.removers:
             fn()
         self.removers.clear()
         self.losses.clear()
@@ -187,6 +196,9 @@ def norm_layer(name: str, num_features: int, dims: int | None = 2, **options) ->
 
 def _features_and_dims(module: nn.Module) -> tuple[int, int | None]:
     # The registered type itself or its nearest registered base (a subclass of nn.BatchNorm2d).
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise TypeError(f"{type(module).__name__} has not seen an input yet, so its channel count is unknown: "
+                        "run one forward pass before converting the model")
     dims = next((_NORM_TYPES[c] for c in type(module).__mro__ if c in _NORM_TYPES), None)
     if dims is None:
         dims = getattr(module, "spatial_dims", None)
@@ -230,6 +242,20 @@ def swap_norms(model: nn.Module, factory: Callable[[int, int | None], nn.Module]
     for name, old in targets:
         model.set_submodule(name, new_of[id(old)])
         firsts.setdefault(id(old), name)
+    return list(firsts.values())
+
+
+def strip_norms(model: nn.Module) -> list[str]:
+    """Replace every normalization layer of ``model`` in place by ``nn.Identity`` (``y = x``): those
+    :func:`swap_norms` finds and the per-sample ones it leaves (``GroupNorm``, ``LayerNorm``,
+    ``InstanceNorm*d``, ``LocalResponseNorm``, ``RMSNorm``). Returns the qualified names replaced
+    (the first name of a layer reachable under several); the root module is not replaced."""
+    types = norm_types() + OTHER_NORMS
+    firsts: dict[int, str] = {}
+    for name, old in model.named_modules(remove_duplicate=False):
+        if name and isinstance(old, types) and not any(name.startswith(f + ".") for f in firsts.values()):
+            model.set_submodule(name, nn.Identity())
+            firsts.setdefault(id(old), name)
     return list(firsts.values())
 
 
