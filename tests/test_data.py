@@ -106,8 +106,11 @@ def test_all_mirrors_failing_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setitem(data.MIRRORS, "mnist", ("bad://",))
     _fake_network(monkeypatch, [])
-    with pytest.raises(data.DataError, match="could not download train-images-idx3-ubyte for mnist"):
+    with pytest.raises(data.DataError, match="could not download train-images-idx3-ubyte for mnist") as info:
         data.fetch("mnist", progress=False)
+    # ... and says where it looked and where to put the files
+    assert f"put its four IDX files (.gz or raw) in {tmp_path / 'normlab' / 'mnist'}" in str(info.value)
+    assert "(cache)" in str(info.value)
     assert not list((tmp_path / "normlab" / "mnist").iterdir())
 
 

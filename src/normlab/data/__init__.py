@@ -190,7 +190,12 @@ def _locate(name: str, root: str | os.PathLike | None, download: bool, progress:
     if not download:
         raise FileNotFoundError(f"{name} is in none of {[str(c[0]) for c in candidates]} and download=False")
     cache = _cache_dir() / name
-    paths = [_find(cache, name, f) or _download(name, f, cache, progress) for f in FILES]
+    try:
+        paths = [_find(cache, name, f) or _download(name, f, cache, progress) for f in FILES]
+    except DataError as e:
+        looked = ", ".join(f"{c[0]} ({c[1]})" for c in candidates)
+        raise DataError(f"{e}\n{name} has no local copy either (looked in {looked}): put its four IDX files "
+                        f"(.gz or raw) in {cache}, or in a folder named by NORMLAB_DATA or root=") from None
     return paths, f"downloaded to {cache}"
 
 
@@ -212,7 +217,8 @@ def load(name: str = "mnist", root: str | os.PathLike | None = None, *, download
 
     Images are float32 (N, 1, 28, 28) on the 0..1 scale, standardized with the training set's
     pixel mean and std when ``normalize`` (``(x/255 - mean) / std``); labels int64. Results are
-    memoized per process. See the module docstring for where files are looked up.
+    memoized per process: every call returns the same tensors, so clone them before changing them in
+    place. See the module docstring for where files are looked up.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
