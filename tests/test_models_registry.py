@@ -281,3 +281,12 @@ def test_norm_layers_refuse_non_finite_eps_and_no_features(name):
             normlab.norm_layer(name, 8, 2, eps=eps)
     with pytest.raises(ValueError, match="num_features must be a positive int"):
         normlab.norm_layer(name, 0, 2)
+
+
+def test_module_lists_and_noise_are_checked_by_name():
+    with pytest.raises(TypeError, match="agc: head: pass a module, a qualified name, or a list of them; got int"):
+        normlab.apply(models.cnn(norm="bn"), "agc", head=5)
+    with pytest.raises(ValueError, match="noise must be a finite number"):
+        normlab.apply(models.cnn(norm="bn"), "msr", noise=float("inf"))
+    m = models.cnn(norm="bn")
+    normlab.apply(m, "ws", modules=(name for name in ("0", "3")))  # any iterable of names

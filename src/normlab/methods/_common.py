@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +133,8 @@ def resolve_modules(model: nn.Module, modules: Sequence[nn.Module | str] | nn.Mo
     """``modules`` (modules of ``model`` or qualified names) as ``(name, module)`` pairs."""
     if isinstance(modules, (nn.Module, str)):
         modules = [modules]
+    if not isinstance(modules, Iterable):
+        raise TypeError(f"{what}: pass a module, a qualified name, or a list of them; got {type(modules).__name__}")
     names = {id(m): n for n, m in model.named_modules()}
     out = []
     for m in modules:

@@ -144,8 +144,8 @@ class MeanShiftRejection:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not (isinstance(m, (int, float)) and m >= 0):
             raise ValueError(f"m (the gradient amplification) must be a number >= 0, got {m!r}")
-        if not (isinstance(noise, (int, float)) and noise >= 0):
-            raise ValueError(f"noise must be a number >= 0 (0 turns it off), got {noise!r}")
+        if not (isinstance(noise, (int, float)) and 0 <= noise < float("inf")):
+            raise ValueError(f"noise must be a finite number >= 0 (0 turns it off), got {noise!r}")
         self.mode, self.m, self.noise = mode, float(m), float(noise)
         self.modules = _targets(model, linear, modules)
         if not self.modules:
