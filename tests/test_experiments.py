@@ -290,6 +290,8 @@ def test_tensorboard_export(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard" / "none" / "seed0"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("test_acc")] == [0, 5, 10]
+    assert cli.main(["report", str(tmp_path), "--tensorboard"]) == 0  # again: replaces, not adds
+    assert len(list((tmp_path / "tensorboard" / "none" / "seed0").glob("events.out.tfevents.*"))) == 1
 
 
 def test_diverged_runs_have_no_speedup():
@@ -393,3 +395,69 @@ def test_report_survives_a_group_that_diverged_at_step_0(tmp_path, monkeypatch):
     run_experiment(exp, tmp_path, workers=0, progress=False).close()
     build_report(tmp_path)
     assert "| bn | 2 | diverged |" in (tmp_path / "report.md").read_text()
+
+
+
+def test_int_and_float_method_options_are_one_setting():
+    def ids(weight):
+        return [r.id for r in validate({"methods": ["std_loss"], "seeds": 1,
+                                        "options": {"std_loss": {"weight": weight}}}, "e").runs()]
+    assert ids(1) == ids(1.0)
+    with pytest.raises(SpecError, match="distinct values"):
+        validate({"methods": ["std_loss"], "grid": {"std_loss.weight": [1, 1.0]}}, "e")
+    k = validate({"methods": ["topkbn"], "seeds": 1, "options": {"topkbn": {"k": 3}}}, "e").runs()[0]
+    assert k.config.method_options == {"k": 3}  # an int option stays an int
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"paper": {"none": "x"}}, "'none' must be a number or"),
+    ({"paper": 3}, r"\[paper\] must be a table"),
+    ({"report": 3}, r"\[report\] must be a table"),
+    ({"run": {"percentiles": 5}}, "percentiles must be numbers"),
+])
+def test_bad_paper_report_and_percentiles_stop_before_any_run(raw, match):
+    with pytest.raises(SpecError, match=match):
+        validate({"methods": ["none"], **raw}, "e")
+
+
+def test_results_folders_that_cannot_be_read_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "runs.db").write_text("not a database")
+    assert cli.main(["report", str(tmp_path / "bad")]) == 2
+    assert "is not a normlab results database" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    Store(empty).set_meta("run_ids", ["x"])
+    assert cli.main(["report", str(empty)]) == 2
+    assert "holds no finished runs" in capsys.readouterr().err
+    assert cli.main(["results", str(empty), "--csv", str(tmp_path)]) == 2
+    assert "--csv" in capsys.readouterr().err
+    assert cli.main(["reproduce"]) == 2
+    assert "needs the name of a bundled experiment" in capsys.readouterr().err
+
+
+def test_report_of_an_incomplete_sweep_says_what_is_missing_and_keeps_ci_in_range(tmp_path):
+    exp = validate({"methods": ["none"], "seeds": 2, "run": {"model": "mlp", "steps": 10, "eval_every": 5}}, "part")
+    run_experiment(exp, tmp_path, workers=0, progress=False).close()
+    with Store(tmp_path) as store:
+        store.set_meta("run_ids", [r.id for r in exp.runs()] + ["never-run"])
+    build_report(tmp_path, echo=False)
+    text = (tmp_path / "report.md").read_text()
+    assert "**1 of 3 planned runs are missing**" in text
+    ci = text.split("| none | 2 |")[1].split("|")[1].strip()
+    low, high = (float(v) for v in ci.strip("[]").split(","))
+    assert 0.0 <= low <= high <= 100.0
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_sweep_with_workers_exits_130_without_a_traceback(tmp_path):
+    spec = _write_tiny(tmp_path, steps=3000, every=500)
+    proc = subprocess.Popen([sys.executable, "-m", "normlab.cli", "run", str(spec), "--workers", "2", "--no-progress",
+                             "--out", str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "out" / "checkpoints").glob("*.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err and b"interrupted" in err

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .data import DataError
-    from .experiments import SpecError
+    from .experiments import SpecError, StoreError
 
     try:
         if args.command == "reproduce":
@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.list or not args.name:
                 for name, desc in bundled().items():
                     print(f"{name:18s} {desc}")
-                return 0 if args.list else 2
+                if args.list:
+                    return 0
+                raise _UsageError("reproduce needs the name of a bundled experiment (listed above), e.g. "
+                                  "normlab reproduce mnist-cnn")
             return _run(args, args.name)
         if args.command == "run":
             return _run(args, str(args.file))
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, desc in methods().items():
                 print(f"{name:10s} {desc}")
             return 0
-    except (SpecError, FileNotFoundError, _UsageError) as e:
+    except (SpecError, StoreError, FileNotFoundError, _UsageError) as e:
         print(f"normlab: error: {e}", file=sys.stderr)
         return 2
     except DataError as e:
@@ -146,13 +149,18 @@ def _results(args: argparse.Namespace) -> int:
     where = {k: v for k, v in (("method", args.method), ("status", args.status), ("grp", args.group)) if v}
     with Store(args.folder) as store:
         if args.csv:
-            n = store.to_csv(args.csv, where)
+            try:
+                n = store.to_csv(args.csv, where)
+            except OSError as e:
+                raise _UsageError(f"--csv {args.csv}: cannot write it ({e.strerror}); pass a file path in an "
+                                  "existing folder") from None
             print(f"wrote {n} runs to {args.csv}")
             return 0
         rows = store.runs(where)
         print(f"{'group':28s} {'seed':>4s} {'status':9s} {'test acc':>8s} {'wall s':>7s}")
         for r in rows:
-            acc = "-" if r["final_test_acc"] is None else f"{r['final_test_acc'] * 100:.2f}"
+            # A diverged run has no final accuracy (its stored figure is the last finite evaluation's).
+            acc = "-" if r["final_test_acc"] is None or r["status"] == "diverged" else f"{r['final_test_acc'] * 100:.2f}"
             status = r["status"] + (f"@{r['diverged_at']}" if r["diverged_at"] else "")
             print(f"{r['grp']:28s} {r['seed']:4d} {status:9s} {acc:>8s} {r['wall_s'] or 0:7.1f}")
         print(f"{len(rows)} runs")

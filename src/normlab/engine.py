@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import data as data_mod
 from . import models
-from .methods.registry import Handle, apply
+from .methods.registry import Handle, apply, normalize_options
 
 __all__ = ["RunConfig", "RunResult", "train", "build_run", "Sampler", "evaluate", "configure_worker"]
 
@@ -71,12 +71,14 @@ class RunConfig:
             raise ValueError(f"momentum applies to sgd only ({self.optimizer} has its own betas); leave it 0")
         if self.model not in models.MODELS:
             raise ValueError(f"model must be one of {sorted(models.MODELS)}, got {self.model!r}")
-        if not all(isinstance(q, (int, float)) and 0 <= q <= 100 for q in self.percentiles):
+        if not isinstance(self.percentiles, (list, tuple)) or not all(
+                isinstance(q, (int, float)) and 0 <= q <= 100 for q in self.percentiles):
             raise ValueError(f"percentiles must be numbers in [0, 100], got {self.percentiles!r}")
         if self.dataset not in data_mod.DATASETS:
             raise ValueError(f"dataset must be one of {sorted(data_mod.DATASETS)}, got {self.dataset!r}")
         # 1 and 1.0 are the same setting: one type, so that they give one run id (spec.run_id).
         self.lr, self.weight_decay, self.momentum = float(self.lr), float(self.weight_decay), float(self.momentum)
+        self.method_options = normalize_options(self.method, self.method_options)
 
     def to_dict(self) -> dict:
         return asdict(self)

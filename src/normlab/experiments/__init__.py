@@ -6,8 +6,8 @@ Data flows one way: experiment file -> validated :class:`Experiment` -> runs -> 
 
 from .report import build_report, export_tensorboard, summarize
 from .spec import Experiment, SpecError, bundled, load, override
-from .store import Store
+from .store import Store, StoreError
 from .sweep import run_experiment
 
-__all__ = ["Experiment", "SpecError", "Store", "build_report", "export_tensorboard", "bundled", "load", "override", "run_experiment",
+__all__ = ["Experiment", "SpecError", "Store", "StoreError", "build_report", "export_tensorboard", "bundled", "load", "override", "run_experiment",
            "summarize"]

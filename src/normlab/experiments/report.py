@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .. import metrics
-from .store import Store
+from .store import Store, StoreError
 
 __all__ = ["build_report", "summarize", "export_tensorboard"]
 
@@ -105,7 +105,9 @@ def table(rows: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         f = r["final"]
-        ci = f"[{f.ci_low * 100:.1f}, {f.ci_high * 100:.1f}]" if f.ci_low is not None else "-"
+        # An accuracy lies in [0, 100] %: the t-interval is cut there (2 seeds give wide intervals).
+        ci = (f"[{max(f.ci_low, 0.0) * 100:.1f}, {min(f.ci_high, 1.0) * 100:.1f}]" if f.ci_low is not None
+              else "-")
         if r["speedup"] is None:
             sp = "(baseline)" if r["baseline"] == r["group"] else "-"
         else:
@@ -345,8 +347,14 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
     store = Store(folder)
     runs = _current(store)
     if not runs:
-        raise ValueError(f"{folder}/runs.db holds no finished runs of its last experiment yet")
+        store.close()
+        raise StoreError(f"{folder}/runs.db holds no finished runs of its last experiment yet: run it (or run it "
+                         "again: stored runs are kept) before asking for a report")
     others = len(store.runs()) - len(runs)
+    planned = store.meta("run_ids", None)
+    missing = len(set(planned) - {r["id"] for r in runs}) if planned else 0
+    incomplete = (f"**{missing} of {len(planned)} planned runs are missing** (failed, or the sweep was stopped): "
+                  "this report covers the others; run the same command again to complete it.") if missing else ""
     exp = store.meta("experiment", {}) or {}
     rows = summarize(store)
     groups = _groups(runs, exp.get("methods"))
@@ -366,7 +374,7 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
            f"{cfg['eval_every']} steps; {len(runs)} runs, {sum(r['wall_s'] or 0 for r in runs):.0f} s of training "
            f"in all ({runs[0]['env'].get('threads', '?')} thread(s) per run, torch {runs[0]['env'].get('torch', '?')})"
            + (f"; {others} older run(s) in this folder, from other settings, are left out." if others else "."),
-           "", "## Final test accuracy and speed-up", "", table(rows), "",
+           ""] + ([incomplete, ""] if incomplete else []) + ["## Final test accuracy and speed-up", "", table(rows), "",
            "Final accuracy: mean over the runs that did not diverge (a diverged run is counted, not averaged). "
            "Speed-up: per seed, the steps the baseline needs to reach its best test accuracy divided by the steps "
            "the method needs to reach the same accuracy (Collins et al. 2019), then mean ± std over seeds; a "
@@ -399,6 +407,8 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
     md += ["Per-run results (config, environment, curve): `runs.json`; the store: `runs.db`.", ""]
     (folder / "report.md").write_text("\n".join(md))
     if echo:
+        if incomplete:
+            print(incomplete.replace("**", ""))
         print(table(rows))
         for line in comparison:
             print(line)
@@ -419,7 +429,10 @@ def export_tensorboard(folder: str | Path, logdir: str | Path | None = None) -> 
     with Store(folder) as store:
         for run in _current(store):
             tag = run["grp"].replace(" ", "_").replace("=", "-")
-            with SummaryWriter(str(logdir / tag / f"seed{run['seed']}")) as w:
+            run_dir = logdir / tag / f"seed{run['seed']}"
+            for old in run_dir.glob("events.out.tfevents.*"):  # written by an earlier export: not twice
+                old.unlink()
+            with SummaryWriter(str(run_dir)) as w:
                 for row in run["curve"]:
                     for key in ("loss", "aux", "train_acc", "test_loss", "test_acc"):
                         if row.get(key) is not None:

@@ -116,6 +116,11 @@ def run_id(cfg: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _canonical(value: object) -> str:
+    # 1 and 1.0 are one value (one setting, one run id).
+    return json.dumps(float(value) if isinstance(value, int) and not isinstance(value, bool) else value)
+
+
 def _expect(cond: bool, msg: str) -> None:
     if not cond:
         raise SpecError(msg)
@@ -174,7 +179,7 @@ def validate(raw: dict, name: str = "experiment") -> Experiment:
     grid = raw.get("grid", {})
     _expect(isinstance(grid, dict), f"{name}: [grid] must be a table of lists")
     for key, values in grid.items():
-        _expect(isinstance(values, list) and values and len({json.dumps(v) for v in values}) == len(values),
+        _expect(isinstance(values, list) and values and len({_canonical(v) for v in values}) == len(values),
                 f"{name}: [grid] {key!r} must be a non-empty list of distinct values, got {values!r}")
         if "." in key:
             method, opt = key.split(".", 1)
@@ -188,7 +193,16 @@ def validate(raw: dict, name: str = "experiment") -> Experiment:
     _expect(isinstance(quick, dict), f"{name}: [quick] must be a table")
     _check_keys(f"{name}: [quick]", quick, RUN_KEYS | {"seeds", "grid"})
     report = raw.get("report", {})
+    _expect(isinstance(report, dict), f"{name}: [report] must be a table (kind = ...)")
     _check_keys(f"{name}: [report]", report, {"kind"})
+    paper = raw.get("paper", {})
+    _expect(isinstance(paper, dict), f"{name}: [paper] must be a table of group = figure")
+    for key, ref in paper.items():
+        if key == "metric":
+            continue
+        ok = isinstance(ref, (int, float)) and not isinstance(ref, bool) or isinstance(ref, list) and 1 <= len(ref) <= 2 \
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ref)
+        _expect(ok, f"{name}: [paper] {key!r} must be a number or [mean, std] (the paper's figure in %), got {ref!r}")
     _expect(report.get("kind", "curves") in REPORT_KINDS,
             f"{name}: [report] kind must be one of {REPORT_KINDS}, got {report.get('kind')!r}")
     exp = Experiment(name=name, description=str(raw.get("description", "")), methods=list(methods),

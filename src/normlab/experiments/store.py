@@ -14,7 +14,11 @@ import sqlite3
 import time
 from pathlib import Path
 
-__all__ = ["Store"]
+__all__ = ["Store", "StoreError"]
+
+
+class StoreError(ValueError):
+    """A results folder that cannot be read or reported: not a normlab database, or no finished runs."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -48,9 +52,14 @@ class Store:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "runs.db"
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise StoreError(f"{self.path} is not a normlab results database ({e}); move it away or pass "
+                             "another folder") from None
 
     def close(self) -> None:
         self.db.close()

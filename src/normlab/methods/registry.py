@@ -319,6 +319,34 @@ def _route(parts: Iterable[Method], options: dict) -> dict[str, dict]:
     return routed
 
 
+def _defaults(method: Method) -> dict[str, object]:
+    # The options' default values, from the apply function (or, for a generic swap, the layer factory).
+    params = list(inspect.signature(method.apply).parameters.values())[1:]
+    if method.layer is not None and all(p.kind == p.VAR_KEYWORD for p in params):
+        params = list(inspect.signature(method.layer).parameters.values())[2:]
+    return {p.name: p.default for p in params if p.default is not p.empty}
+
+
+def normalize_options(spec: str, options: dict) -> dict:
+    """``options`` with every int given for an option whose default is a float made that float
+    (``weight=1`` and ``weight=1.0`` are one setting, so they give one run id). Keys and values are
+    otherwise left as they are, for :func:`apply` to check."""
+    try:
+        parts = {m.name: m for m in parse_spec(spec)}
+    except (ValueError, KeyError, TypeError):
+        return dict(options)
+    out = {}
+    for key, value in options.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            target, _, opt = key.rpartition(".")
+            owners = [parts[target]] if target in parts else [m for m in parts.values() if opt in m.options]
+            defaults = [_defaults(m).get(opt) for m in owners]
+            if defaults and all(isinstance(d, float) for d in defaults):
+                value = float(value)
+        out[key] = value
+    return out
+
+
 def apply(model: nn.Module, spec: str, **options) -> Handle:
     """Apply method ``spec`` (a registered name or a ``+`` combination) to ``model`` in place.
 
