@@ -461,3 +461,19 @@ def test_ctrl_c_during_a_sweep_with_workers_exits_130_without_a_traceback(tmp_pa
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()
     assert b"Traceback" not in err and b"interrupted" in err
+
+
+def test_sweep_plots_hold_the_other_swept_values_fixed(tmp_path, monkeypatch):
+    from normlab.experiments import report
+
+    exp = validate({"methods": ["none", "std_loss"], "seeds": 1, "run": {"model": "mlp", "steps": 4, "eval_every": 2},
+                    "grid": {"lr": [0.01, 0.1], "std_loss.weight": [0.1, 1.0]}}, "two-axes")
+    run_experiment(exp, tmp_path, workers=0, progress=False).close()
+    lines = []
+    monkeypatch.setattr(report, "_plot_sweep_line", lambda ax, key, label, mine: lines.append((key, label, mine)))
+    build_report(tmp_path, echo=False)
+    by_weight = {label: mine for key, label, mine in lines if key == "std_loss.weight"}
+    assert sorted(by_weight) == ["none (lr=0.01)", "none (lr=0.1)", "std_loss (lr=0.01)", "std_loss (lr=0.1)"]
+    for label, mine in by_weight.items():
+        assert {r["config"]["lr"] for r in mine} == {float(label.split("lr=")[1].rstrip(")"))}
+    assert len(by_weight["std_loss (lr=0.1)"]) == 2  # one run at each weight

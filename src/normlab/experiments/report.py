@@ -220,48 +220,63 @@ def _swept(run: dict, key: str):
 
 def _plot_sweep(exp: dict, runs: list[dict], folder: Path) -> list[str]:
     """Final test accuracy against each swept value, one line per method (mean ± std over the seeds
-    that finished); diverged runs are marked as such on the bottom edge."""
+    that finished) and, when several values are swept, per setting of the others (each point holds
+    them fixed); diverged runs are marked as such on the bottom edge."""
     plt = _plt()
     out = []
     for key in exp.get("grid", {}):
+        others = [k for k in exp["grid"] if k != key]
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in exp["methods"]:
-            mine = [r for r in runs if r["method"] == method]
-            values = sorted({_swept(r, key) for r in mine}, key=lambda v: (v is None, v))
-            if values == [None]:  # not swept for this method: its level as a line
-                agg = metrics.aggregate(r["final_test_acc"] if r["status"] == "done" else None for r in mine)
-                if agg.mean is not None:
-                    ax.axhline(agg.mean * 100, linestyle="--", color="grey", label=f"{method} (not swept)")
-                continue
-            pts = [(v, metrics.aggregate(r["final_test_acc"] if r["status"] == "done" else None
-                                         for r in mine if _swept(r, key) == v)) for v in values]
-            color = None
-            done = [(v, a) for v, a in pts if a.mean is not None]
-            if done:
-                line = ax.errorbar([v for v, _ in done], [a.mean * 100 for _, a in done],
-                                   yerr=[(a.std or 0) * 100 for _, a in done], marker="o", capsize=3, label=method)
-                color = line.lines[0].get_color()
-            # Diverged runs have no final accuracy: an x on the bottom edge, never a made-up value.
-            for v, a in pts:
-                if a.missing:
-                    ax.plot([v], [0.03], marker="x", markersize=9, color=color, transform=ax.get_xaxis_transform(),
-                            clip_on=False, label=None if done else method)
-                    ax.annotate(f"{a.missing}/{a.n + a.missing} diverged", (v, 0.03), xycoords=ax.get_xaxis_transform(),
-                                textcoords="offset points", xytext=(0, 8), ha="center", va="bottom", rotation=90,
-                                fontsize=7, color=color)
+            settings: dict[tuple, list[dict]] = {}
+            for r in runs:
+                if r["method"] == method:
+                    settings.setdefault(tuple(_swept(r, o) for o in others), []).append(r)
+            for setting, mine in sorted(settings.items(), key=lambda kv: str(kv[0])):
+                fixed = ", ".join(f"{o}={v:g}" if isinstance(v, float) else f"{o}={v}"
+                                  for o, v in zip(others, setting) if v is not None)
+                label = f"{method} ({fixed})" if fixed else method
+                _plot_sweep_line(ax, key, label, mine)
         numeric = all(isinstance(v, (int, float)) for v in exp["grid"][key])
         if numeric and min(exp["grid"][key]) > 0 and max(exp["grid"][key]) / min(exp["grid"][key]) >= 10:
             ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel("final test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         name = f"sweep_{key.replace('.', '_')}.png"
         fig.savefig(folder / name, dpi=120)
         plt.close(fig)
         out.append(name)
     return out
+
+
+def _plot_sweep_line(ax, key: str, label: str, mine: list[dict]) -> None:
+    # One line of a sweep plot: the runs `mine` of one method at one setting of the other swept values.
+    values = sorted({_swept(r, key) for r in mine}, key=lambda v: (v is None, v))
+    if values == [None]:  # not swept for this method: its level as a line
+        agg = metrics.aggregate(r["final_test_acc"] if r["status"] == "done" else None for r in mine)
+        if agg.mean is not None:
+            ax.axhline(agg.mean * 100, linestyle="--", color="grey", label=f"{label} (not swept)")
+        return
+    pts = [(v, metrics.aggregate(r["final_test_acc"] if r["status"] == "done" else None
+                                 for r in mine if _swept(r, key) == v)) for v in values]
+    color = None
+    done = [(v, a) for v, a in pts if a.mean is not None]
+    if done:
+        line = ax.errorbar([v for v, _ in done], [a.mean * 100 for _, a in done],
+                           yerr=[(a.std or 0) * 100 for _, a in done], marker="o", capsize=3, label=label)
+        color = line.lines[0].get_color()
+    # Diverged runs have no final accuracy: an x on the bottom edge, never a made-up value.
+    for v, a in pts:
+        if a.missing:
+            ax.plot([v], [0.03], marker="x", markersize=9, color=color, transform=ax.get_xaxis_transform(),
+                    clip_on=False, label=None if done else label)
+            ax.annotate(f"{a.missing}/{a.n + a.missing} diverged", (v, 0.03), xycoords=ax.get_xaxis_transform(),
+                        textcoords="offset points", xytext=(0, 8), ha="center", va="bottom", rotation=90,
+                        fontsize=7, color=color)
 
 
 def _best_lr_table(exp: dict, groups: dict[str, list[dict]]) -> list[str]:
