@@ -347,6 +347,14 @@ def test_reusing_a_folder_reports_only_the_last_experiment(tmp_path, monkeypatch
     text = (tmp_path / "mnist-mlp" / "report.md").read_text()
     assert "| none | 1 |" in text and "6 steps" in text and "1 older run(s) in this folder" in text
     assert len(json.loads((tmp_path / "mnist-mlp" / "runs.json").read_text())) == 1
+    capsys.readouterr()
+    assert cli.main(["results", "mnist-mlp"]) == 0  # like the report: the last experiment's runs
+    out = capsys.readouterr().out
+    assert "1 runs; 1 older run(s) from other settings not shown (--all shows them)" in out
+    assert cli.main(["results", "mnist-mlp", "--all"]) == 0
+    assert "2 runs\n" in capsys.readouterr().out
+    assert cli.main(["results", "mnist-mlp", "--csv", "runs.csv"]) == 0
+    assert len((tmp_path / "runs.csv").read_text().splitlines()) == 2  # header + the current run
 
 
 def test_in_process_runs_use_the_workers_thread_count(tmp_path, monkeypatch):

@@ -576,3 +576,11 @@ def test_batch_rejects_uint8_masks_and_takes_unsigned_numpy_indices():
         std.batch(data, torch.tensor([1, 0, 1], dtype=torch.uint8))
     idx = np.array([3, 1, 9], dtype=np.uint64)
     assert torch.equal(std.batch(data, idx), data[[3, 1, 9]])
+
+
+def test_a_linear_layer_with_a_batch_of_one_is_named():
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with StandardizationLoss(m) as std:
+        m(torch.randn(1, 3))
+        with pytest.raises(ValueError, match="module '0' gave \\(1, 4\\): at most one value per channel"):
+            std()

@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status", choices=["done", "diverged"])
     p.add_argument("--group", help="exact group label, e.g. 'std_loss weight=0.1'")
     p.add_argument("--csv", type=Path, help="write the runs to this CSV file")
+    p.add_argument("--all", action="store_true",
+                   help="also the older runs of a folder reused with other settings (the report leaves them out)")
     sub.add_parser("methods", help="list the registered methods")
     args = parser.parse_args(argv)
 
@@ -150,20 +152,22 @@ def _results(args: argparse.Namespace) -> int:
     with Store(args.folder) as store:
         if args.csv:
             try:
-                n = store.to_csv(args.csv, where)
+                n = store.to_csv(args.csv, where, current=not args.all)
             except OSError as e:
                 raise _UsageError(f"--csv {args.csv}: cannot write it ({e.strerror}); pass a file path in an "
                                   "existing folder") from None
             print(f"wrote {n} runs to {args.csv}")
             return 0
-        rows = store.runs(where)
+        rows = store.runs(where, current=not args.all)
+        hidden = 0 if args.all else len(store.runs(where)) - len(rows)
         print(f"{'group':28s} {'seed':>4s} {'status':9s} {'test acc':>8s} {'wall s':>7s}")
         for r in rows:
             # A diverged run has no final accuracy (its stored figure is the last finite evaluation's).
             acc = "-" if r["final_test_acc"] is None or r["status"] == "diverged" else f"{r['final_test_acc'] * 100:.2f}"
             status = r["status"] + (f"@{r['diverged_at']}" if r["diverged_at"] else "")
             print(f"{r['grp']:28s} {r['seed']:4d} {status:9s} {acc:>8s} {r['wall_s'] or 0:7.1f}")
-        print(f"{len(rows)} runs")
+        print(f"{len(rows)} runs" + (f"; {hidden} older run(s) from other settings not shown (--all shows them)"
+                                     if hidden else ""))
     return 0
 
 

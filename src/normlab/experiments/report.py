@@ -58,23 +58,12 @@ def _paired_speedup(base_runs: list[dict], runs: list[dict]) -> metrics.Aggregat
                              if r["seed"] in by_seed and r["status"] == "done")
 
 
-def _current(store: Store) -> list[dict]:
-    """The stored runs of the experiment last run into the folder: a folder reused with other
-    settings (steps, seeds, methods) keeps the older runs, which must not be averaged in."""
-    ids = store.meta("run_ids", None)
-    runs = store.runs()
-    if ids is None:
-        return runs
-    ids = set(ids)
-    return [r for r in runs if r["id"] in ids]
-
-
 def summarize(store: Store) -> list[dict]:
     """One row per group: counts, final accuracy aggregate, paper figure, speed-up aggregate."""
     exp = store.meta("experiment", {}) or {}
     baseline = exp.get("baseline")
     paper = exp.get("paper", {})
-    groups = _groups(_current(store), exp.get("methods"))
+    groups = _groups(store.runs(current=True), exp.get("methods"))
     rows = []
     for name, runs in groups.items():
         method = runs[0]["method"]
@@ -360,7 +349,7 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
     if not (folder / "runs.db").exists():
         raise FileNotFoundError(f"{folder} has no runs.db: run an experiment into it first (normlab run FILE --out {folder})")
     store = Store(folder)
-    runs = _current(store)
+    runs = store.runs(current=True)
     if not runs:
         store.close()
         raise StoreError(f"{folder}/runs.db holds no finished runs of its last experiment yet: run it (or run it "
@@ -442,7 +431,7 @@ def export_tensorboard(folder: str | Path, logdir: str | Path | None = None) -> 
     folder = Path(folder)
     logdir = Path(logdir) if logdir is not None else folder / "tensorboard"
     with Store(folder) as store:
-        for run in _current(store):
+        for run in store.runs(current=True):
             tag = run["grp"].replace(" ", "_").replace("=", "-")
             run_dir = logdir / tag / f"seed{run['seed']}"
             for old in run_dir.glob("events.out.tfevents.*"):  # written by an earlier export: not twice

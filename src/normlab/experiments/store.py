@@ -99,8 +99,10 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
 
-    def runs(self, where: dict | None = None) -> list[dict]:
-        """Every stored run as a dict (config, curve and env decoded), filtered by column equality."""
+    def runs(self, where: dict | None = None, *, current: bool = False) -> list[dict]:
+        """Every stored run as a dict (config, curve and env decoded), filtered by column equality;
+        with ``current``, only the runs of the experiment last run into the folder (a folder reused
+        with other settings keeps the older runs)."""
         sql, args = "SELECT * FROM runs", []
         if where:
             bad = sorted(set(where) - set(COLUMNS))
@@ -116,11 +118,13 @@ class Store:
             for key in ("config", "env", "curve"):
                 rec[key] = json.loads(rec[key])
             out.append(rec)
-        return out
+        ids = self.meta("run_ids", None) if current else None
+        return out if ids is None else [r for r in out if r["id"] in set(ids)]
 
-    def to_csv(self, path: str | Path, where: dict | None = None) -> int:
-        """Write the summary columns plus the flattened config of each run to ``path``; returns the count."""
-        rows = self.runs(where)
+    def to_csv(self, path: str | Path, where: dict | None = None, *, current: bool = False) -> int:
+        """Write the summary columns plus the flattened config of each run to ``path`` (``current``: see
+        :meth:`runs`); returns the count."""
+        rows = self.runs(where, current=current)
         cfg_keys = sorted({k for r in rows for k in r["config"]} - {"method", "seed"})
         with open(path, "w", newline="") as f:
             w = csv.writer(f)

@@ -399,6 +399,9 @@ class StandardizationLoss:
                     raise RuntimeError(
                         f"the weight of module '{name}' was modified in place (an optimizer step?) between the "
                         "forward pass and the standardization loss call; call the loss right after the forward")
+            elif z.dim() >= 2 and z.numel() <= z.shape[1]:  # at most one value per channel: no variance
+                raise ValueError(f"module '{name}' gave {tuple(z.shape)}: at most one value per channel, whose "
+                                 "variance is undefined; the standardization loss needs a batch of at least 2 samples")
             elif z._version != version:
                 raise RuntimeError(
                     f"the {self.record} of module '{name}' was modified in place after the standardization "
