@@ -290,3 +290,9 @@ def test_module_lists_and_noise_are_checked_by_name():
         normlab.apply(models.cnn(norm="bn"), "msr", noise=float("inf"))
     m = models.cnn(norm="bn")
     normlab.apply(m, "ws", modules=(name for name in ("0", "3")))  # any iterable of names
+
+
+@pytest.mark.parametrize("name", ["bcn", "estbn", "gn", "ln", "l1bn", "topkbn"])
+def test_norm_layers_name_a_non_float_input(name):
+    with pytest.raises(TypeError, match="normalizes floating-point tensors, got torch.int64"):
+        normlab.norm_layer(name, 4, 2)(torch.ones(4, 4, 3, 3, dtype=torch.long))

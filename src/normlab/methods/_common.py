@@ -45,7 +45,12 @@ def check_layer_args(num_features: int, eps: float) -> None:
 
 
 def check_input(module: nn.Module, x: Tensor, ndims: tuple[int, ...]) -> None:
-    """Raise a clear error unless ``x`` has one of ``ndims`` dims and ``module.num_features`` channels."""
+    """Raise a clear error unless ``x`` is a floating-point tensor with one of ``ndims`` dims and
+    ``module.num_features`` channels."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{type(module).__name__} normalizes floating-point tensors, got {got}; convert the input "
+                        "with .float()")
     if x.dim() not in ndims:
         shapes = " or ".join({2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}[d] for d in ndims)
         name = type(module).__name__
