@@ -119,7 +119,10 @@ class Store:
                 rec[key] = json.loads(rec[key])
             out.append(rec)
         ids = self.meta("run_ids", None) if current else None
-        return out if ids is None else [r for r in out if r["id"] in set(ids)]
+        if ids is None:
+            return out
+        keep = set(ids)
+        return [r for r in out if r["id"] in keep]
 
     def to_csv(self, path: str | Path, where: dict | None = None, *, current: bool = False) -> int:
         """Write the summary columns plus the flattened config of each run to ``path`` (``current``: see

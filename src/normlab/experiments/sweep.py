@@ -154,9 +154,9 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int | None = No
         _drain(q, bar)
     except KeyboardInterrupt:
         bar.write(f"interrupted: finished runs are in {store.path}; run the same command again to resume", file=sys.stderr)
-        workers = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
+        procs = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
         pool.shutdown(wait=False, cancel_futures=True)
-        for p in workers:
+        for p in procs:
             p.kill()
         raise
     finally:

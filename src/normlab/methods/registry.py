@@ -45,6 +45,7 @@ class Method:
     layer: Callable[..., nn.Module] | None = None
     options: tuple[str, ...] = ()
     writes_weights: bool = False
+    defaults: dict[str, object] = field(default_factory=dict)  # the options' default values
 
 
 _METHODS: dict[str, Method] = {}
@@ -126,9 +127,10 @@ def norm_types() -> tuple[type, ...]:
     return tuple(_NORM_TYPES)
 
 
-def _option_names(fn: Callable[..., object], skip: int) -> tuple[str, ...]:
+def _options(fn: Callable[..., object], skip: int) -> dict[str, object]:
+    # The keyword options of fn after its first `skip` parameters, with their defaults (or empty).
     params = list(inspect.signature(fn).parameters.values())[skip:]
-    return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+    return {p.name: p.default for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
 def register(name: str, description: str, *, kind: str = "norm",
@@ -153,10 +155,11 @@ def register(name: str, description: str, *, kind: str = "norm",
             def fn(handle: Handle, **options) -> None:
                 _swap_apply(handle, name, layer, options)
 
-            options = _option_names(layer, 2)
+            options = _options(layer, 2)
         else:
-            options = _option_names(fn, 1)
-        _METHODS[name] = Method(name, description, kind, fn, layer, options, writes_weights)
+            options = _options(fn, 1)
+        defaults = {k: v for k, v in options.items() if v is not inspect.Parameter.empty}
+        _METHODS[name] = Method(name, description, kind, fn, layer, tuple(options), writes_weights, defaults)
         return fn
 
     return deco
@@ -319,14 +322,6 @@ def _route(parts: Iterable[Method], options: dict) -> dict[str, dict]:
     return routed
 
 
-def _defaults(method: Method) -> dict[str, object]:
-    # The options' default values, from the apply function (or, for a generic swap, the layer factory).
-    params = list(inspect.signature(method.apply).parameters.values())[1:]
-    if method.layer is not None and all(p.kind == p.VAR_KEYWORD for p in params):
-        params = list(inspect.signature(method.layer).parameters.values())[2:]
-    return {p.name: p.default for p in params if p.default is not p.empty}
-
-
 def normalize_options(spec: str, options: dict) -> dict:
     """``options`` with every int given for an option whose default is a float made that float
     (``weight=1`` and ``weight=1.0`` are one setting, so they give one run id). Keys and values are
@@ -340,7 +335,7 @@ def normalize_options(spec: str, options: dict) -> dict:
         if isinstance(value, int) and not isinstance(value, bool):
             target, _, opt = key.rpartition(".")
             owners = [parts[target]] if target in parts else [m for m in parts.values() if opt in m.options]
-            defaults = [_defaults(m).get(opt) for m in owners]
+            defaults = [m.defaults.get(opt) for m in owners]
             if defaults and all(isinstance(d, float) for d in defaults):
                 value = float(value)
         out[key] = value

@@ -224,7 +224,7 @@ class StandardizationLoss:
         # The hooks act on these modules only: a copy.deepcopy of the model copies the hooks too, and
         # a copy's forward must not report into this loss. A first conv with hooks of others (which
         # may change its input or output) records its output instead of taking patch moments.
-        self._ids = {id(m) for m in firsts} | {id(m) for _, m in self.modules}
+        self._ids = {id(m) for m in firsts}
         self._own = {h.id for h in self._hooks}
 
     @staticmethod
@@ -279,8 +279,7 @@ class StandardizationLoss:
     def _alone(self, module: nn.Module) -> bool:
         # No hook but this loss's on the module, and no global module hook.
         hooks = (module._forward_pre_hooks, module._forward_hooks)
-        return all(k in self._own for d in hooks for k in d) and not (
-            _global_hooks[0] or _global_hooks[1] or _global_hooks[2])
+        return all(k in self._own for d in hooks for k in d) and not any(_global_hooks)
 
     def _produce(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         moments = self._early.pop(id(module), None) if self._early else None
@@ -364,12 +363,11 @@ class StandardizationLoss:
             raise ValueError(f"index must be a 1-D tensor of integer row numbers, got {index.dtype} of shape "
                              f"{tuple(index.shape)} (bool and uint8 index a tensor as masks); for a mask pass "
                              "mask.nonzero().squeeze(1)")
-        if index.dtype != torch.long:
-            index = index.long()  # unsigned numpy indices have no min/max in torch
+        index = index.long()  # unsigned numpy indices have no min/max in torch
         n = len(data)
         if len(index) and not -n <= int(index.min()) <= int(index.max()) < n:
             raise IndexError(f"index has row numbers outside [-{n}, {n}) for data of {n} rows")
-        index = index.long().remainder(n) if n else index.long()  # a copy: the caller may refill theirs
+        index = index.remainder(n) if n else index  # a copy: the caller may refill theirs
         if self._builds == _MAX_BUILDS + 1:
             self._builds += 1
             warnings.warn(
