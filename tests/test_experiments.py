@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import normlab
 from normlab import cli
 from normlab.experiments import SpecError, Store, build_report, bundled, load, override, run_experiment
 from normlab.experiments.spec import validate
@@ -125,6 +126,12 @@ def test_bad_worker_count(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["reproduce", "mnist-cnn", "--workers", "-1"])
     assert e.value.code == 2 and "argument --workers: must be >= 0" in capsys.readouterr().err
+
+
+def test_methods_command_lists_the_registry(capsys):
+    assert cli.main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == sorted(normlab.list_methods())
 
 
 def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):

@@ -52,8 +52,18 @@ def test_model_errors():
         models.cnn(norm="std_loss")
 
 
+def test_methods_subpackage_is_not_shadowed():
+    # The listing is list_methods(); normlab.methods stays the subpackage, so its modules are attributes.
+    import types
+
+    import normlab.methods.msr
+
+    assert isinstance(normlab.methods, types.ModuleType)
+    assert normlab.methods.msr is normlab.methods.__dict__["msr"]
+
+
 def test_registry_lists_and_rejects_clearly():
-    names = normlab.methods()
+    names = normlab.list_methods()
     assert {"none", "bn", "bn_shift", "std_loss"} <= set(names)
     assert all(isinstance(d, str) and d for d in names.values())
     with pytest.raises(ValueError, match="unknown method 'bogus'; available"):
@@ -94,7 +104,7 @@ def resnet():
                          nn.Linear(32, 10))
 
 
-@pytest.mark.parametrize("spec", sorted(normlab.methods()) + ["ws+gn", "std_loss+msr", "l1bn+bwn", "none+msr"])
+@pytest.mark.parametrize("spec", sorted(normlab.list_methods()) + ["ws+gn", "std_loss+msr", "l1bn+bwn", "none+msr"])
 def test_every_method_converts_a_resnet_style_model_forward_and_backward(spec):
     model = resnet()
     handle = normlab.apply(model, spec)

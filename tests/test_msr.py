@@ -201,7 +201,7 @@ def test_registry_combinations(spec):
         assert float(handle.aux_loss().detach()) > 0
     train(model, handle, torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3), 10)
     assert worst_mean(model) < 1e-6
-    assert "msr" in normlab.methods()
+    assert "msr" in normlab.list_methods()
 
 
 def test_attach_to_optimizer_and_parametrized_weights():

@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "results":
             return _results(args)
         if args.command == "methods":
-            from . import methods
+            from . import list_methods
 
-            for name, desc in methods().items():
+            for name, desc in list_methods().items():
                 print(f"{name:10s} {desc}")
             return 0
     except (SpecError, StoreError, FileNotFoundError, _UsageError) as e:

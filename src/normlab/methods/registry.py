@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["Handle", "Method", "register", "register_norm_type", "methods", "apply", "norm_layer",
+__all__ = ["Handle", "Method", "register", "register_norm_type", "list_methods", "apply", "norm_layer",
            "swap_norms", "strip_norms", "norm_types", "get_method", "OTHER_NORMS"]
 
 # kinds: "norm" replaces normalization layers (at most one per combination), "weight" transforms
@@ -174,7 +174,7 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}") from None
 
 
-def methods() -> dict[str, str]:
+def list_methods() -> dict[str, str]:
     """Every registered method name with its one-line description, sorted by name."""
     _load_builtin()
     return {name: _METHODS[name].description for name in sorted(_METHODS)}
@@ -285,7 +285,7 @@ def parse_spec(spec: str) -> list[Method]:
     """Split ``"ws+gn"`` into registered methods and check the combination is compatible."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"spec must be a method name or names joined by '+', got {spec!r}; "
-                         f"available: {', '.join(methods())}")
+                         f"available: {', '.join(list_methods())}")
     parts = [get_method(p.strip()) for p in spec.split("+")]
     names = [m.name for m in parts]
     if len(set(names)) != len(names):
