@@ -244,11 +244,15 @@ def test_group_norms_never_split_n_c_input_into_one_feature_groups():
         m = models.mlp(norm=norm, in_features=10, hidden=(16, 16)).eval()  # dims 0: 8 groups of 2
         assert m[2].num_groups == 8
         assert (m(x) - m(torch.randn(5, 10))).abs().max() > 1e-2  # the output depends on the input
-        swapped = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
-        normlab.apply(swapped, norm)  # BatchNorm1d: (N, C) or (N, C, L), so 16 groups are kept ...
+        swapped = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+        normlab.apply(swapped, norm)  # BatchNorm1d takes (N, C) or (N, C, L): groups of 2 suit both
+        assert swapped[1].num_groups == 8
+        assert (swapped(x) - swapped(torch.randn(5, 10))).abs().max() > 1e-2
+        assert swapped[1](torch.randn(5, 16, 3)).shape == (5, 16, 3)
+        one_each = type(swapped[1])(16, num_groups=16).eval()  # asked for explicitly: refused on (N, C)
         with pytest.raises(ValueError, match="output would be the bias alone"):
-            swapped(x)  # ... and (N, C) input is refused
-        assert swapped[1](torch.randn(5, 16, 3)).shape == (5, 16, 3)  # (N, C, L) is fine
+            one_each(torch.randn(5, 16))
+        assert one_each(torch.randn(5, 16, 3)).shape == (5, 16, 3)  # (N, C, L) is fine
 
 
 def test_none_and_nf_strip_every_normalization_layer():

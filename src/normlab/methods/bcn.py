@@ -205,7 +205,7 @@ register_norm_type(BatchChannelNorm2d, 2)
 
 def batch_channel_norm(num_features: int, dims: int | None = 2, num_groups: int = 32, eps: float = 1e-5,
                        momentum: float | None = 0.1, estimate: bool = False, affine: bool = True) -> nn.Module:
-    """``BatchChannelNorm1d`` for dims 0/1, ``BatchChannelNorm2d`` for dims 2."""
+    """``BatchChannelNorm1d`` for dims 0/1 (groups of >= 2 features), ``BatchChannelNorm2d`` for dims 2."""
     cls = pick_by_dims("bcn", BatchChannelNorm1d, BatchChannelNorm2d, dims)
     return cls(num_features, _for_dims(num_features, num_groups, dims), eps, momentum, estimate, affine)
 

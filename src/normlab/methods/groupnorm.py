@@ -14,9 +14,10 @@ at each position). For ``(N, C)`` input layer norm is the usual ``nn.LayerNorm(C
 Groups that do not divide the channels: the largest divisor of ``num_features`` that is at most
 ``num_groups`` is used (:func:`check_groups`; 100 channels with 32 groups -> 25 groups, 16
 channels with 32 groups -> 16 groups, i.e. instance norm). On ``(N, C)`` input a group needs at
-least 2 features (one feature per group normalizes every value to 0): built for ``dims=0`` the
-layers pick such a count (16 features -> 8 groups), and a layer given ``(N, C)`` input split into
-one-feature groups raises (:func:`check_group_input`). None of these layers uses batch
+least 2 features (one feature per group normalizes every value to 0). The 1-D layers take ``(N, C)``
+and ``(N, C, L)`` alike, so built for ``dims`` 0 or 1 (as when replacing a ``BatchNorm1d``, which
+takes either) they pick such a count (16 features -> 8 groups); a layer given ``(N, C)`` input split
+into one-feature groups raises (:func:`check_group_input`). None of these layers uses batch
 statistics, so they behave the same in training and eval and each sample is normalized alone.
 """
 
@@ -51,12 +52,12 @@ def check_group_input(module: nn.Module, x: Tensor, num_groups: int) -> None:
             f"{type(module).__name__}({x.shape[1]}) with {num_groups} groups on (N, C) input normalizes "
             "each feature on its own to 0: the output would be the bias alone. Pass num_groups with at "
             f"least 2 features per group (a divisor of {x.shape[1]} up to {x.shape[1] // 2}), or build it "
-            "for dims=0 (models.mlp does), which picks such a count")
+            "for dims 0 or 1 (models.mlp and swapped BatchNorm1d layers are), which picks such a count")
 
 
 def _for_dims(num_features: int, num_groups: int, dims: int | None) -> int:
-    # dims 0 means (N, C) input: at least 2 features per group (see check_group_input).
-    if dims == 0 and isinstance(num_features, int) and not isinstance(num_features, bool) and num_features > 0:
+    # The 1-D layers (dims 0 or 1) may see (N, C) input: at least 2 features per group (see check_group_input).
+    if dims in (0, 1) and isinstance(num_features, int) and not isinstance(num_features, bool) and num_features > 0:
         if num_features < 2:
             raise ValueError("group norm of a single feature on (N, C) input is undefined (one value per sample)")
         return min(num_groups, num_features // 2) if isinstance(num_groups, int) and num_groups > 0 else num_groups
@@ -130,7 +131,7 @@ for _cls in (GroupNorm2d, LayerNorm2d):
 
 def group_norm(num_features: int, dims: int | None = 2, num_groups: int = 32, eps: float = 1e-5,
                affine: bool = True) -> nn.Module:
-    """``GroupNorm1d`` for dims 0/1, ``GroupNorm2d`` for dims 2 (dims 0: groups of >= 2 features)."""
+    """``GroupNorm1d`` for dims 0/1 (groups of >= 2 features), ``GroupNorm2d`` for dims 2."""
     return pick_by_dims("gn", GroupNorm1d, GroupNorm2d, dims)(num_features, _for_dims(num_features, num_groups, dims),
                                                               eps, affine)
 
