@@ -132,6 +132,19 @@ def test_gradient_transform_matches_reference(mode):
         torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-7)
 
 
+def test_a_tied_kernel_is_transformed_once():
+    torch.manual_seed(0)
+    c1, c2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+    c2.weight = c1.weight
+    net = nn.Sequential(c1, c2)
+    msr = MeanShiftRejection(net, mode="amplify", m=10.0)
+    assert [name for name, _ in msr.modules] == ["0"]
+    net(torch.randn(2, 3, 5, 5)).sum().backward()
+    g = c1.weight.grad.clone()
+    msr.before_step()
+    torch.testing.assert_close(c1.weight.grad, g * 11 - g.mean((2, 3), keepdim=True) * 10)
+
+
 def test_1x1_kernels_use_the_mean_over_input_channels():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 1, groups=4))  # plain and depthwise 1x1
@@ -235,6 +248,8 @@ def test_bad_options_are_named():
         normlab.apply(tiny(), "msr", mode="center")
     with pytest.raises(ValueError, match="noise"):
         normlab.apply(tiny(), "msr", noise=-1.0)
+    with pytest.raises(ValueError, match="m must be a finite number >= 0 .the gradient amplification."):
+        normlab.apply(tiny(), "msr", mode="amplify", m=float("inf"))
     with pytest.raises(ValueError, match="linear=True"):
         normlab.apply(nn.Sequential(nn.Linear(4, 4)), "msr")
     mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))

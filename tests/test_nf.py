@@ -265,6 +265,12 @@ def test_bad_inputs_raise_clear_errors():
         ScaledWeightStandardization(3, eps=0)
     with pytest.raises(ValueError, match="clip"):
         AdaptiveGradientClipping(models.cnn(), clip=0)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        AdaptiveGradientClipping(models.cnn(), eps=float("inf"))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        adaptive_clip_grad_(nn.Parameter(torch.randn(3, 3)), eps=float("nan"))
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        ScaledWeightStandardization(3, eps=float("inf"))
     with pytest.raises(ValueError, match="clip"):
         normlab.apply(models.cnn(), "nf", clip=-1)
     with pytest.raises(ValueError, match="no submodule 'classifier'"):
@@ -284,7 +290,10 @@ def test_bad_inputs_raise_clear_errors():
 def test_bad_nf_options_name_themselves_and_leave_the_model_untouched():
     model = models.cnn(norm="bn")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for opts, says in (({"agc_eps": -1}, "nf: agc_eps must be"), ({"eps": 0}, "nf: eps must be")):
+    inf = float("inf")
+    for opts, says in (({"agc_eps": -1}, "nf: agc_eps must be"), ({"eps": 0}, "nf: eps must be"),
+                       ({"eps": inf}, "nf: eps must be a finite"), ({"agc_eps": inf}, "nf: agc_eps must be a finite"),
+                       ({"clip": inf}, "nf: clip must be a finite")):
         with pytest.raises(ValueError, match=says):
             normlab.apply(model, "nf", **opts)
         assert isinstance(model[1], nn.BatchNorm2d) and not parametrize.is_parametrized(model[0])

@@ -219,6 +219,8 @@ def test_bad_inputs_raise_clear_errors():
         weight_standardization(nn.Conv2d(2, 2, 3), eps=0)
     with pytest.raises(ValueError, match="eps"):
         WeightStandardization(eps=-1.0)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        normlab.apply(models.cnn(), "ws", eps=float("inf"))
     with pytest.raises(TypeError, match="no tensor"):
         weight_standardization(nn.ReLU())
     with pytest.raises(ValueError, match="single element"):

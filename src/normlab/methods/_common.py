@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -35,13 +36,22 @@ def pick_by_dims(name: str, one: type, two: type, dims: int | None) -> type:
     raise ValueError(f"{name} supports dims 0 or 1 ((N, C) or (N, C, L) input) and 2 (images), got dims={dims!r}")
 
 
+def check_number(value: float, name: str, *, positive: bool, why: str = "") -> float:
+    """``float(value)``; a ``ValueError`` naming ``name`` unless ``value`` is a finite real number,
+    ``> 0`` when ``positive`` else ``>= 0`` (``why``, if given, is said in parentheses)."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
+                                       and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}"
+                         f"{f' ({why})' if why else ''}, got {value!r}")
+    return float(value)
+
+
 def check_layer_args(num_features: int, eps: float) -> None:
     """Raise ``ValueError`` unless ``num_features`` is a positive int and ``eps`` a finite number > 0
     (the arguments every normalization layer takes)."""
     if isinstance(num_features, bool) or not (isinstance(num_features, int) and num_features > 0):
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 < eps < float("inf")):
-        raise ValueError(f"eps must be a finite number > 0 (it is added to the variance), got {eps!r}")
+    check_number(eps, "eps", positive=True, why="it is added to the variance")
 
 
 def check_input(module: nn.Module, x: Tensor, ndims: tuple[int, ...]) -> None:

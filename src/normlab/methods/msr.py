@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._common import CONVS as _CONVS
-from ._common import LAYERS, resolve_modules
+from ._common import LAYERS, check_number, resolve_modules
 from .registry import Handle, register
 
 __all__ = ["MeanShiftRejection", "msr_init", "slice_dims"]
@@ -83,12 +83,17 @@ def _weight(module: nn.Module) -> Tensor:
 def _targets(model: nn.Module, linear: bool, modules: Sequence[nn.Module | str] | None) -> list[tuple[str, nn.Module]]:
     kinds = _CONVS + ((nn.Linear,) if linear else ())
     if modules is None:
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
-    out = resolve_modules(model, modules, "modules")
-    for _, m in out:
-        if not isinstance(m, LAYERS):
-            raise ValueError(f"modules: every entry must be a Conv*d or Linear of the model, got {type(m).__name__}")
-    return out
+        out = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+    else:
+        out = resolve_modules(model, modules, "modules")
+        for _, m in out:
+            if not isinstance(m, LAYERS):
+                raise ValueError(f"modules: every entry must be a Conv*d or Linear of the model, got {type(m).__name__}")
+    # A weight tied between layers is constrained once (amplifying it twice would square the gain).
+    unique: dict[int, tuple[str, nn.Module]] = {}
+    for name, m in out:
+        unique.setdefault(id(_weight(m)), (name, m))
+    return list(unique.values())
 
 
 @torch.no_grad()
@@ -142,11 +147,9 @@ class MeanShiftRejection:
                  linear: bool = False, modules: Sequence[nn.Module | str] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not (isinstance(m, (int, float)) and m >= 0):
-            raise ValueError(f"m (the gradient amplification) must be a number >= 0, got {m!r}")
-        if not (isinstance(noise, (int, float)) and 0 <= noise < float("inf")):
-            raise ValueError(f"noise must be a finite number >= 0 (0 turns it off), got {noise!r}")
-        self.mode, self.m, self.noise = mode, float(m), float(noise)
+        self.mode = mode
+        self.m = check_number(m, "m", positive=False, why="the gradient amplification")
+        self.noise = check_number(noise, "noise", positive=False, why="0 turns it off")
         self.modules = _targets(model, linear, modules)
         if not self.modules:
             kinds = "Conv*d or Linear (linear=True)" if linear else "Conv*d (or pass linear=True for an MLP)"

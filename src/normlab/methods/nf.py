@@ -45,7 +45,7 @@ from torch.nn.utils import parametrize
 
 from .registry import Handle, register, strip_norms
 from ._common import CONVS as _CONVS
-from ._common import remove_one_parametrization, resolve_modules
+from ._common import check_number, remove_one_parametrization, resolve_modules
 from .ws import _LOW, _centred, _check_weight, _leaves
 
 __all__ = ["ScaledWeightStandardization", "scaled_weight_standardization",
@@ -121,10 +121,8 @@ class ScaledWeightStandardization(nn.Module):
 
     def __init__(self, out_features: int, gamma: float = 1.0, eps: float = 1e-4, device=None, dtype=None) -> None:
         super().__init__()
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"eps must be a number > 0 (added to var * fan_in), got {eps!r}")
+        self.eps = check_number(eps, "eps", positive=True, why="added to var * fan_in")
         self.gamma = _gamma_value(gamma)
-        self.eps = float(eps)
         self.gain = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -177,6 +175,8 @@ def adaptive_clip_grad_(parameters: Iterable[Tensor] | Tensor, clip: float = 0.0
     a gradient are skipped. Choose the parameters yourself (leave out the classifier head), or use
     :class:`AdaptiveGradientClipping`, which does it by module.
     """
+    check_number(clip, "clip", positive=True)
+    check_number(eps, "eps", positive=False, why="the lower bound on the weight norm")
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     for p in parameters:
@@ -224,12 +224,8 @@ class AdaptiveGradientClipping:
                  head: Sequence[nn.Module | str] | nn.Module | str | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not (isinstance(clip, (int, float)) and clip > 0 and math.isfinite(clip)):
-            raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
-        if not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-        self.clip = float(clip)
-        self.eps = float(eps)
+        self.clip = check_number(clip, "clip", positive=True)
+        self.eps = check_number(eps, "eps", positive=False, why="the lower bound on the weight norm")
         self.head = [n for n, _ in _resolve_head(model, head, "agc: head")]
         skip = {id(p) for _, m in _resolve_head(model, head, "agc: head") for p in m.parameters()}
         self.named_params = [(n, p) for n, p in model.named_parameters() if id(p) not in skip]
@@ -279,12 +275,9 @@ def _apply_nf(handle: Handle, gamma: float | str = 1.0, eps: float = 1e-4, clip:
     """
     model = handle.model
     # Every option is checked before the model is touched: a bad one leaves it as it was.
-    if not (isinstance(clip, (int, float)) and clip >= 0):
-        raise ValueError(f"nf: clip must be a number >= 0 (0 turns AGC off), got {clip!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"nf: eps must be a number > 0 (added to var * fan_in in the weight standardization), got {eps!r}")
-    if not (isinstance(agc_eps, (int, float)) and agc_eps >= 0):
-        raise ValueError(f"nf: agc_eps must be a number >= 0 (AGC's lower bound on the weight norm), got {agc_eps!r}")
+    check_number(clip, "nf: clip", positive=False, why="0 turns AGC off")
+    check_number(eps, "nf: eps", positive=True, why="added to var * fan_in in the weight standardization")
+    check_number(agc_eps, "nf: agc_eps", positive=False, why="AGC's lower bound on the weight norm")
     g = _gamma_value(gamma)
     heads = _resolve_head(model, head, "nf: head")
     head_ids = {id(sub) for _, m in heads for sub in m.modules()}

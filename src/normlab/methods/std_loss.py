@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..functional import PatchMoments, _shifted_patches, layer_kls, patch_moments
-from ._common import CONVS, LAYERS, resolve_modules
+from ._common import CONVS, LAYERS, check_number, resolve_modules
 from .registry import Handle, register, register_norm_type, swap_norms
 
 __all__ = ["StandardizationLoss", "ChannelAffine"]
@@ -187,14 +187,12 @@ class StandardizationLoss:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not (isinstance(weight, (int, float)) and weight >= 0 and math.isfinite(weight)):
-            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        check_number(weight, "weight", positive=False)
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean' (per layer), got {reduction!r}")
         if record not in ("output", "input"):
             raise ValueError(f"record must be 'output' or 'input', got {record!r}")
-        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        check_number(eps, "eps", positive=True)
         self.weight = float(weight)
         self.eps = float(eps)
         self.reduction = reduction

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._common import CONVS as _CONVS
-from ._common import LAYERS, remove_one_parametrization, resolve_modules, weight_of
+from ._common import LAYERS, check_number, remove_one_parametrization, resolve_modules, weight_of
 from .registry import Handle, norm_types, register
 
 __all__ = ["WeightStandardization", "weight_standardization", "remove_weight_standardization",
@@ -79,9 +79,7 @@ class WeightStandardization(nn.Module):
 
     def __init__(self, eps: float = 1e-6) -> None:
         super().__init__()
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"eps must be a number > 0 (it is added to the variance), got {eps!r}")
-        self.eps = float(eps)
+        self.eps = check_number(eps, "eps", positive=True, why="it is added to the variance")
 
     def forward(self, weight: Tensor) -> Tensor:
         return standardize(weight, self.eps)
