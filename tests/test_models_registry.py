@@ -271,6 +271,38 @@ def test_none_and_nf_strip_every_normalization_layer():
     assert normlab.apply(lazy, "none").swapped == ["1"]
 
 
+def test_a_norm_inside_a_registered_norm_is_replaced_with_it_not_from_within():
+    from normlab.methods.registry import _NORM_TYPES, register_norm_type, strip_norms
+
+    class BNThenScale(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.num_features, self.bn, self.scale = c, nn.BatchNorm2d(c), nn.Parameter(torch.ones(c))
+
+        def forward(self, x):
+            return self.bn(x) * self.scale.view(1, -1, 1, 1)
+
+    register_norm_type(BNThenScale, 2)
+    try:
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), BNThenScale(4))
+        assert normlab.apply(m, "l1bn").swapped == ["1"]
+        assert not list(m[1].children()) and "1.bn.weight" not in m.state_dict()
+        shared = BNThenScale(4)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), shared)
+        m.alias = shared
+        assert strip_norms(m) == ["1"]
+        assert type(m.alias) is nn.Identity and not list(m.alias.children())
+    finally:
+        del _NORM_TYPES[BNThenScale]
+
+
+def test_a_norm_without_tensors_is_replaced_in_the_models_dtype():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False, track_running_stats=False)).double()
+    normlab.apply(m, "l1bn")
+    assert m[1].weight.dtype == torch.float64
+    assert m(torch.randn(2, 3, 5, 5, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_weight_methods_refuse_transposed_convs_and_stacked_ones_remove_cleanly():
     from torch.nn.utils import parametrize
 

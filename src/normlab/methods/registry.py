@@ -19,6 +19,7 @@ A method registers itself once, with a name, a one-line description and either
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -219,11 +220,8 @@ def swap_norms(model: nn.Module, factory: Callable[[int, int | None], nn.Module]
     and returns the qualified names of the replaced layers (the first name of a layer reachable
     under several). The root module itself is not replaced.
     """
-    types = norm_types()
-    # Every name, aliases too: a layer reachable under two names (self.bn and self.blocks[0]) is
-    # replaced under both, by one new layer. All replacements are built before any is put in, so a
-    # factory that fails leaves the model as it was.
-    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name and isinstance(m, types)]
+    # All replacements are built before any is put in, so a factory that fails leaves the model as it was.
+    targets = _outermost(model, norm_types())
     new_of: dict[int, nn.Module] = {}
     for name, old in targets:
         if id(old) in new_of:
@@ -232,9 +230,11 @@ def swap_norms(model: nn.Module, factory: Callable[[int, int | None], nn.Module]
             new = factory(*_features_and_dims(old))
         except (TypeError, ValueError) as e:
             raise type(e)(f"cannot replace {name} ({type(old).__name__}): {e}") from None
-        ref = next(old.parameters(), None)
+        # Device and dtype from the layer's own tensors; a layer without any (affine=False and no
+        # running statistics) takes the model's.
+        ref = next(itertools.chain(old.parameters(), old.buffers()), None)
         if ref is None:
-            ref = next(old.buffers(), None)
+            ref = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
         if ref is not None:
             new = new.to(device=ref.device)
             if ref.is_floating_point():
@@ -253,13 +253,21 @@ def strip_norms(model: nn.Module) -> list[str]:
     :func:`swap_norms` finds and the per-sample ones it leaves (``GroupNorm``, ``LayerNorm``,
     ``InstanceNorm*d``, ``LocalResponseNorm``, ``RMSNorm``). Returns the qualified names replaced
     (the first name of a layer reachable under several); the root module is not replaced."""
-    types = norm_types() + OTHER_NORMS
     firsts: dict[int, str] = {}
-    for name, old in model.named_modules(remove_duplicate=False):
-        if name and isinstance(old, types) and not any(name.startswith(f + ".") for f in firsts.values()):
-            model.set_submodule(name, nn.Identity())
-            firsts.setdefault(id(old), name)
+    for name, old in _outermost(model, norm_types() + OTHER_NORMS):
+        model.set_submodule(name, nn.Identity())
+        firsts.setdefault(id(old), name)
     return list(firsts.values())
+
+
+def _outermost(model: nn.Module, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+    # Every name of every layer of `types` (a layer reachable as self.bn and self.blocks[0] is
+    # listed under both), except those inside another such layer, under any of that one's names:
+    # a registered norm built from a BatchNorm2d is replaced whole, not also from within.
+    found = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name and isinstance(m, types)]
+    names = {name for name, _ in found}
+    return [(name, m) for name, m in found
+            if not any(".".join(name.split(".")[:i]) in names for i in range(1, name.count(".") + 1))]
 
 
 def _swap_apply(handle: Handle, name: str, layer: Callable[..., nn.Module], options: dict) -> None:
