@@ -279,6 +279,14 @@ def test_bad_inputs_raise_clear_errors():
         AdaptiveGradientClipping(models.cnn(), head=nn.Linear(2, 2))
     with pytest.raises(ValueError, match="no Conv"):
         normlab.apply(nn.Sequential(nn.Linear(3, 3)), "nf")
+    with pytest.raises(ValueError, match="besides the head to standardize; pass linear=True"):
+        normlab.apply(nn.Sequential(nn.Linear(3, 3)), "nf", linear=False)
+    with pytest.raises(ValueError, match="head .default: the last Linear. names every such layer"):
+        normlab.apply(nn.Sequential(nn.Linear(3, 3)), "nf", linear=True)
+    mlp = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    with pytest.raises(ValueError, match=r"nf: 0: .* single element.*list it in head=\[...\]"):
+        normlab.apply(mlp, "nf", linear=True)
+    assert normlab.apply(mlp, "nf", linear=True, head=["0", "4"]).state["nf"]["standardized"] == ["2"]  # the hint works
     with pytest.raises(ValueError, match="already standardized"):
         scaled_weight_standardization(weight_standardization(nn.Conv2d(2, 2, 3)))
     p = nn.Parameter(torch.randn(3, 3))

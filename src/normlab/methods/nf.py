@@ -284,10 +284,11 @@ def _apply_nf(handle: Handle, gamma: float | str = 1.0, eps: float = 1e-4, clip:
     kinds = _CONVS + ((nn.Linear,) if linear else ())
     targets = [(n, m) for n, m in _leaves(model) if isinstance(m, kinds) and id(m) not in head_ids]
     if not targets:
-        raise ValueError("nf: found no Conv*d" + (" or Linear" if linear else "") + " layer besides the "
-                         "head to standardize; pass head=[...] or linear=True")
-    for _, m in targets:
-        _check_weight(m, "weight", "nf")
+        hint = ("pass linear=True to standardize Linear layers too" if not linear else
+                "head (default: the last Linear) names every such layer; pass head=[...] with the classifier only")
+        raise ValueError("nf: found no Conv*d" + (" or Linear" if linear else "") + f" layer besides the head to standardize; {hint}")
+    for name, m in targets:
+        _check_weight(m, "weight", f"nf: {name}", leave_out="list it in head=[...]: head layers are neither standardized nor clipped")
     handle.swapped.extend(strip_norms(model))
     for i, (_, m) in enumerate(targets):
         scaled_weight_standardization(m, g if i > 0 else 1.0, eps)

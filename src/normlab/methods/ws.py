@@ -58,12 +58,12 @@ def standardize(weight: Tensor, eps: float = 1e-6) -> Tensor:
     return (d * torch.rsqrt(var + eps)).view(weight.shape).to(weight.dtype)
 
 
-def _check_weight(module: nn.Module, name: str, what: str) -> Tensor:
+def _check_weight(module: nn.Module, name: str, what: str, leave_out: str = "modules=[...]") -> Tensor:
     w = weight_of(module, name, what)
     if w[0].numel() < 2:
         raise ValueError(f"{what}: each output filter of {type(module).__name__}.{name} "
                          f"{tuple(w.shape)} has a single element, which standardizes to 0; leave this "
-                         "layer out (modules=[...])")
+                         f"layer out ({leave_out})")
     if is_standardized(module, name):
         raise ValueError(f"{what}: {type(module).__name__}.{name} is already standardized "
                          "(weight standardization or NF scaled WS); apply one of them once")
