@@ -441,3 +441,12 @@ def test_tied_weights_and_aliased_norms_are_kept_not_folded_wrongly():
     seq = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1))
     seq[2].weight = seq[0].weight
     assert "0 shares a parameter" in fold_report(seq).kept["1"]
+
+
+def test_a_model_that_is_a_norm_layer_is_reported_kept():
+    bn = nn.BatchNorm2d(3)
+    assert list(fold_report(bn).kept) == [""]
+    with pytest.warns(UserWarning, match=r"\(the model\) \(the model itself is the normalization layer"):
+        assert isinstance(fold(bn), nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="never the model itself, which is a BatchNorm2d: wrap it"):
+        normlab.apply(nn.BatchNorm2d(3), "l1bn")

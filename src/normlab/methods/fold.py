@@ -75,7 +75,7 @@ class FoldReport:
         lines = [f"folded {len(self.folded)} layer(s) (found by {self.tracer}); removed {len(self.probes)} "
                  f"probe(s), {self.hooks} hook(s); baked {len(self.baked)} parametrization(s)"]
         lines += [f"  {n} -> {c}" for n, c in self.folded.items()]
-        lines += [f"  kept {n}: {why}" for n, why in self.kept.items()]
+        lines += [f"  kept {n or '(the model)'}: {why}" for n, why in self.kept.items()]
         return "\n".join(lines)
 
 
@@ -296,6 +296,8 @@ def _fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
         if name and _is_norm(m) and name not in report.folded and name not in kept:
             kept[name] = ("not found in the traced forward" if report.tracer == "fx"
                           else "not directly after a conv/linear in an nn.Sequential")
+    if _is_norm(model):
+        kept[""] = "the model itself is the normalization layer; there is no conv/linear to fold it into"
     report.kept = dict(sorted(kept.items()))
     return model, report
 
@@ -317,7 +319,7 @@ def fold(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> nn.Mo
         model = _copy(model)
     model, report = _fold(model)
     if warn and report.kept:
-        listed = "; ".join(f"{n} ({why})" for n, why in report.kept.items())
+        listed = "; ".join(f"{n or '(the model)'} ({why})" for n, why in report.kept.items())
         warnings.warn(f"fold: {len(report.kept)} normalization layer(s) could not be folded and stay in "
                       f"the model: {listed}", UserWarning, stacklevel=2)
     return model
