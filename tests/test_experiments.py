@@ -71,6 +71,8 @@ def test_mnist_cnn_defaults_are_the_papers_budget():
     ({"methods": ["none"], "run": {"batch_size": 60001}}, "batch_size 60001 exceeds the 60000 training examples"),
     ({"methods": ["none", "bn"], "run": {"model": "mlp", "batch_size": 1}},
      "bn: batch_size 1: Expected more than 1 value per channel"),
+    ({"methods": ["none"], "grid": {"lr": [0.1, 0.01]}, "paper": {"none": 24.6}},
+     r"\[paper\] \['none'\] name no group of runs; the groups are \['none lr=0.1', 'none lr=0.01'\]"),
 ])
 def test_validation_errors_name_the_key(raw, match):
     with pytest.raises(SpecError, match=match):
@@ -125,7 +127,37 @@ def test_bad_worker_count(tmp_path, capsys):
         run_experiment(exp, tmp_path, workers=-1, progress=False)
     with pytest.raises(SystemExit) as e:
         cli.main(["reproduce", "mnist-cnn", "--workers", "-1"])
-    assert e.value.code == 2 and "argument --workers: must be >= 0" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --workers: must be an integer >= 0" in capsys.readouterr().err
+    for argv, says in ((["--workers", "abc"], "argument --workers: must be an integer >= 0 (0 runs everything in "
+                        "this process), got 'abc'"), (["--steps", "0"], "argument --steps: must be an integer >= 1"),
+                       (["--batch-size", "1.5"], "argument --batch-size: must be an integer >= 1, got '1.5'")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["reproduce", "mnist-cnn"] + argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_tensorboard_export_without_tensorboard_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    exp = validate({"methods": ["none"], "seeds": 1, "run": {"model": "mlp", "steps": 2, "eval_every": 1}}, "tb")
+    run_experiment(exp, tmp_path, workers=0, progress=False)
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "torch.utils.tensorboard":
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    assert cli.main(["report", str(tmp_path), "--tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tensorboard: TensorBoard export needs the tensorboard package" in err
+
+
+def test_paper_figures_of_groups_an_override_drops_are_not_an_error():
+    exp = validate({"methods": ["none", "std_loss"], "grid": {"lr": [0.1, 0.01]},
+                    "paper": {"none lr=0.1": 24.6, "std_loss lr=0.01": [75.2, 2.6]}}, "p")
+    assert {r.group for r in override(exp, methods=["none"], lr=0.1).runs()} == {"none"}
 
 
 def test_methods_command_lists_the_registry(capsys):

@@ -114,12 +114,21 @@ def test_half_precision_finite_and_float32_statistics(dtype):
     (dict(z=[1.0, 2.0]), TypeError, "torch.Tensor"),
     (dict(z=torch.randn(4, 3), reduction="max"), ValueError, "reduction"),
     (dict(z=torch.randn(4, 3), eps=0.0), ValueError, "eps"),
+    (dict(z=torch.randn(4, 3), eps=float("inf")), ValueError, "eps must be a finite number > 0"),
     (dict(z=torch.randn(4, 3, 2), dim=()), ValueError, "at least one"),
     (dict(z=torch.randn(4, 3, 2), dim=(0, 0)), ValueError, "repeated"),
 ])
 def test_bad_inputs(bad, exc, match):
     with pytest.raises(exc, match=match):
         standardization_kl(**bad)
+
+
+def test_layer_kls_checks_eps_as_standardization_kl_does():
+    from normlab.functional import layer_kls
+
+    for eps in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            layer_kls([torch.zeros(4, 3)], eps=eps)
 
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

@@ -1,4 +1,4 @@
-"""The ``normlab`` command: reproduce the papers' experiments, run experiment files, read results.
+"""The normlab command: reproduce the papers' experiments, run experiment files, read results.
 
     normlab reproduce mnist-cnn              # the paper's MNIST CNN experiment (30 runs) -> runs/mnist-cnn/
     normlab reproduce --list                 # the bundled experiments
@@ -18,11 +18,21 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 runs everything in this process), got {value}")
-    return value
+def _int_type(low: int, why: str = ""):
+    # An argparse type: an int >= low, else an error that argparse prefixes with the option's name.
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}{why}, got {text!r}")
+        return value
+    return parse
+
+
+_count = _int_type(0, " (0 runs everything in this process)")
+_positive = _int_type(1)
 
 
 class _UsageError(Exception):
@@ -30,13 +40,14 @@ class _UsageError(Exception):
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, help="output folder (default: runs/<experiment name>)")
-    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
-    p.add_argument("--steps", type=int, help="training steps per run")
+    p.add_argument("--out", type=Path,
+                   help="output folder (default: runs/<experiment name>, runs/<experiment name>-quick with --quick)")
+    p.add_argument("--seeds", type=_positive, help="number of seeds (0..N-1)")
+    p.add_argument("--steps", type=_positive, help="training steps per run")
     p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--batch-size", type=int, help="minibatch size")
+    p.add_argument("--batch-size", type=_positive, help="minibatch size")
     p.add_argument("--weight", type=float, help="standardization-loss weight")
-    p.add_argument("--eval-every", type=int, help="evaluate the full test set every N steps")
+    p.add_argument("--eval-every", type=_positive, help="evaluate the full test set every N steps")
     p.add_argument("--methods", help="comma-separated method specs, e.g. none,bn,std_loss,ws+gn")
     p.add_argument("--quick", action="store_true", help="the experiment's small budget (a smoke test)")
     p.add_argument("--workers", type=_count,
@@ -74,29 +85,34 @@ def _run(args: argparse.Namespace, target: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="normlab", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    first, _, examples = __doc__.partition("\n")
+    parser = argparse.ArgumentParser(prog="normlab", description=first,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples.strip("\n"))
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("reproduce", help="run a bundled experiment of the papers")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+
+    p = command("reproduce", "run a bundled experiment of the papers, then write its report")
     p.add_argument("name", nargs="?", help="bundled experiment name (see --list)")
     p.add_argument("--list", action="store_true", help="list the bundled experiments")
     _add_run_options(p)
-    p = sub.add_parser("run", help="run an experiment file (TOML)")
-    p.add_argument("file", type=Path)
+    p = command("run", "run an experiment file (TOML, see normlab.experiments.spec), then write its report")
+    p.add_argument("file", type=Path, help="the experiment file")
     _add_run_options(p)
-    p = sub.add_parser("report", help="write report.md, runs.json and plots from a results folder")
-    p.add_argument("folder", type=Path)
+    p = command("report", "write report.md, runs.json and plots from a results folder")
+    p.add_argument("folder", type=Path, help="a results folder (holding runs.db)")
     p.add_argument("--tensorboard", nargs="?", const="", metavar="LOGDIR",
                    help="also write the curves as TensorBoard logs (default LOGDIR: FOLDER/tensorboard)")
-    p = sub.add_parser("results", help="list the runs of a results folder, optionally as CSV")
-    p.add_argument("folder", type=Path)
-    p.add_argument("--method")
-    p.add_argument("--status", choices=["done", "diverged"])
-    p.add_argument("--group", help="exact group label, e.g. 'std_loss weight=0.1'")
+    p = command("results", "list the runs of a results folder, optionally as CSV")
+    p.add_argument("folder", type=Path, help="a results folder (holding runs.db)")
+    p.add_argument("--method", help="only the runs of this method spec, e.g. std_loss")
+    p.add_argument("--status", choices=["done", "diverged"], help="only the finished or only the diverged runs")
+    p.add_argument("--group", help="exact group label, e.g. 'std_loss std_loss.weight=0.1'")
     p.add_argument("--csv", type=Path, help="write the runs to this CSV file")
     p.add_argument("--all", action="store_true",
                    help="also the older runs of a folder reused with other settings (the report leaves them out)")
-    sub.add_parser("methods", help="list the registered methods")
+    command("methods", "list the registered methods")
     args = parser.parse_args(argv)
 
     from .data import DataError
@@ -121,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
             build_report(args.folder)
             if args.tensorboard is not None:
-                logdir = export_tensorboard(args.folder, args.tensorboard or None)
+                try:
+                    logdir = export_tensorboard(args.folder, args.tensorboard or None)
+                except ImportError as e:
+                    raise _UsageError(f"--tensorboard: {e}") from None
                 print(f"TensorBoard logs: {logdir} (tensorboard --logdir {logdir})")
             return 0
         if args.command == "results":

@@ -81,6 +81,7 @@ class RunConfig:
         self.method_options = normalize_options(self.method, self.method_options)
 
     def to_dict(self) -> dict:
+        """Every field as a plain dict (JSON-ready; what a run id is computed from)."""
         return asdict(self)
 
 
@@ -103,9 +104,11 @@ class RunResult:
 
     @property
     def final(self) -> dict:
+        """The last curve row (the final evaluation), or ``{}`` for a run that diverged at step 0."""
         return self.curve[-1] if self.curve else {}
 
     def to_dict(self) -> dict:
+        """The result as a plain dict (JSON-ready, as stored in ``runs.db`` and ``runs.json``)."""
         return {"config": self.config, "curve": self.curve, "diverged_at": self.diverged_at,
                 "wall_s": self.wall_s, "final": self.final, "env": self.env}
 

@@ -303,6 +303,12 @@ def _flatten(layers: Sequence[Tensor | PatchMoments]) -> tuple[tuple[int | None,
     return tuple(layout), inputs
 
 
+def _check_eps(eps: float) -> None:
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
+        raise ValueError(f"eps must be a finite number > 0 (it keeps log(var + eps) finite for constant channels), "
+                         f"got {eps!r}")
+
+
 def layer_kls(zs: Sequence[Tensor | PatchMoments], eps: float = 1e-5, reduction: str = "sum") -> Tensor:
     """``standardization_kl`` of each layer of ``zs`` (channel = dim 1), as one vector of shape (L,).
 
@@ -316,6 +322,7 @@ def layer_kls(zs: Sequence[Tensor | PatchMoments], eps: float = 1e-5, reduction:
         raise ValueError(f"reduction must be 'sum' or 'mean' per layer, got {reduction!r}")
     if not zs:
         raise ValueError("zs is empty: nothing to compute the loss of")
+    _check_eps(eps)
     layout, inputs = _flatten(zs)
     return _KL.apply(float(eps), None, reduction, layout, *inputs)
 
@@ -350,8 +357,7 @@ def standardization_kl(
         raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype}; cast it with z.float()")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0 (it keeps log(var + eps) finite for constant channels), got {eps}")
+    _check_eps(eps)
     dims = None if dim is None else _reduced_dims(z, dim)
     out = _KL.apply(float(eps), dims, reduction, (None,), z)
     if reduction == "none":

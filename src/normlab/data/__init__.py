@@ -82,6 +82,7 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes: the largest training label + 1."""
         return int(self.train_y.max()) + 1
 
 

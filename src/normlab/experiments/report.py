@@ -422,8 +422,9 @@ def build_report(folder: str | Path, *, echo: bool = True) -> Path:
 
 
 def export_tensorboard(folder: str | Path, logdir: str | Path | None = None) -> Path:
-    """Write every stored run's curve as TensorBoard scalars, one run directory per run
-    (``<logdir>/<group>/seed<k>``, default ``logdir = <folder>/tensorboard``); needs ``tensorboard``."""
+    """Write the curves of the runs of the folder's last experiment (the runs its report covers) as
+    TensorBoard scalars, one run directory per run (``<logdir>/<group>/seed<k>``, default
+    ``logdir = <folder>/tensorboard``); needs ``tensorboard``."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:

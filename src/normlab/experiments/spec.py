@@ -8,7 +8,8 @@ errors that name the key and the allowed ones::
     baseline = "none"                              # speed-ups are measured against it
     seeds = 10                                     # a count (0..n-1) or an explicit list
 
-    [run]                                          # any field of normlab.engine.RunConfig
+    [run]                                          # fields of normlab.engine.RunConfig but method,
+                                                   # seed, method_options (the keys above and [options])
     model = "cnn"
     steps = 1000
     lr = 1e-3
@@ -22,7 +23,11 @@ errors that name the key and the allowed ones::
 
     [paper]                                        # reported figures shown beside ours (optional)
     metric = "final_test_acc"                      # what they are: final test accuracy in %
-    none = [24.6, 6.5]                             # mean, std (std may be omitted)
+    "none lr=0.001" = [24.6, 6.5]                  # a group: mean, std (std may be omitted)
+
+Runs are grouped by method and swept values; a group's label is the method spec followed by its
+grid values (``"none lr=0.001"``, ``"std_loss lr=0.01 std_loss.weight=0.1"``; just ``"none"`` without a
+grid). ``[paper]`` keys must be such labels.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class Experiment:
         return out
 
     def to_dict(self) -> dict:
+        """The experiment's definition as a plain dict (stored with its runs to rebuild the report)."""
         return {k: getattr(self, k) for k in ("name", "description", "reference", "methods", "baseline",
                                               "seeds", "run", "options", "grid", "paper", "report")}
 
@@ -131,8 +137,11 @@ def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
     _expect(not unknown, f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
-def validate(raw: dict, name: str = "experiment") -> Experiment:
+def validate(raw: dict, name: str = "experiment", *, paper_groups: bool = True) -> Experiment:
     """Check a parsed experiment table and build the :class:`Experiment`; raises :class:`SpecError`.
+
+    ``paper_groups``: every ``[paper]`` key must be the label of a group of runs (off for a copy
+    with fewer groups, such as :func:`override`'s, which shows the figures of the groups it keeps).
 
     Besides the keys and run fields, every distinct model and method configuration is built once
     (on a throw-away model, leaving the global RNG as it was), so that a bad option value, such as
@@ -213,6 +222,10 @@ def validate(raw: dict, name: str = "experiment") -> Experiment:
         runs = exp.runs()
     except (TypeError, ValueError) as e:
         raise SpecError(f"{name}: {e}") from None
+    groups = list(dict.fromkeys(r.group for r in runs))
+    unknown = [k for k in paper if k != "metric" and k not in groups]
+    _expect(not (paper_groups and unknown), f"{name}: [paper] {unknown} name no group of runs; the groups are "
+            f"{groups} (a method, followed by its grid values when there is a grid)")
     built: set[str] = set()
     for r in runs:
         c = r.config
@@ -270,7 +283,7 @@ def override(exp: Experiment, *, seeds: int | None = None, methods: list[str] | 
         if value is not None:
             raw["run"][key] = value
             raw["grid"].pop(key, None)
-    return validate(raw, exp.name)
+    return validate(raw, exp.name, paper_groups=False)
 
 
 def bundled() -> dict[str, str]:

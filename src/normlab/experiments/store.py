@@ -62,6 +62,7 @@ class Store:
                              "another folder") from None
 
     def close(self) -> None:
+        """Close the database (also on leaving a ``with Store(...)`` block)."""
         self.db.close()
 
     def __enter__(self) -> Store:
@@ -76,6 +77,7 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     def meta(self, key: str, default: object = None) -> object:
+        """The JSON value stored under ``key`` by :meth:`set_meta`, or ``default``."""
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 

@@ -141,7 +141,7 @@ def layer_norm(num_features: int, dims: int | None = 2, eps: float = 1e-5, affin
     return pick_by_dims("ln", LayerNorm1d, LayerNorm2d, dims)(num_features, eps, affine)
 
 
-register("gn", "group norm (Wu & He 2018): per sample over groups of 32 channels (or the largest divisor "
-         "of the channels below 32)", layer=group_norm)(None)
+register("gn", "group norm (Wu & He 2018): per sample over 32 channel groups (or the largest divisor of "
+         "the channels below 32)", layer=group_norm)(None)
 register("ln", "layer norm (Ba et al. 2016): per sample over all channels and positions (group norm "
          "with one group)", layer=layer_norm)(None)

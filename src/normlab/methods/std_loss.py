@@ -144,11 +144,13 @@ class StandardizationLoss:
     ``copy=True`` to hand the rest of the model a copy of each probed output instead (one extra
     copy of each probed tensor per step).
 
-    A first convolution (its input is data and needs no gradient) is not recorded at all: its
-    output's moments follow exactly from the mean and covariance of its input patches (see
+    A first convolution (its input is data and needs no gradient) whose patches are short
+    (``C_in * prod(kernel_size) <= 2 * C_out``) is not recorded at all: its output's moments follow
+    exactly from the mean and covariance of its input patches (see
     :func:`normlab.functional.patch_moments`), and the loss's gradient goes straight to its weight
     and bias. On the paper's MNIST CNN this skips every pass over the largest activation, the
-    first layer's (N, 32, 14, 14) output. ``patch_moments`` turns this off or forces it. A
+    first layer's (N, 32, 14, 14) output. ``patch_moments=True`` forces this for any plain
+    (zero-padded, one-group) first conv, ``False`` turns it off. A
     minibatch taken through :meth:`batch` (as :func:`normlab.engine.train` does) makes it cheaper
     still: its patch moments are summed from a per-example table of the dataset.
 
