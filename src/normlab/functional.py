@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .methods._common import check_number
+
 __all__ = ["channel_moments", "standardization_kl", "layer_kls", "patch_moments", "PatchMoments"]
 
 _REDUCTIONS = ("sum", "mean", "none")
@@ -303,12 +305,6 @@ def _flatten(layers: Sequence[Tensor | PatchMoments]) -> tuple[tuple[int | None,
     return tuple(layout), inputs
 
 
-def _check_eps(eps: float) -> None:
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
-        raise ValueError(f"eps must be a finite number > 0 (it keeps log(var + eps) finite for constant channels), "
-                         f"got {eps!r}")
-
-
 def layer_kls(zs: Sequence[Tensor | PatchMoments], eps: float = 1e-5, reduction: str = "sum") -> Tensor:
     """``standardization_kl`` of each layer of ``zs`` (channel = dim 1), as one vector of shape (L,).
 
@@ -322,7 +318,7 @@ def layer_kls(zs: Sequence[Tensor | PatchMoments], eps: float = 1e-5, reduction:
         raise ValueError(f"reduction must be 'sum' or 'mean' per layer, got {reduction!r}")
     if not zs:
         raise ValueError("zs is empty: nothing to compute the loss of")
-    _check_eps(eps)
+    check_number(eps, "eps", positive=True, why="it keeps log(var + eps) finite for constant channels")
     layout, inputs = _flatten(zs)
     return _KL.apply(float(eps), None, reduction, layout, *inputs)
 
@@ -357,7 +353,7 @@ def standardization_kl(
         raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype}; cast it with z.float()")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    _check_eps(eps)
+    check_number(eps, "eps", positive=True, why="it keeps log(var + eps) finite for constant channels")
     dims = None if dim is None else _reduced_dims(z, dim)
     out = _KL.apply(float(eps), dims, reduction, (None,), z)
     if reduction == "none":

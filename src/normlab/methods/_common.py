@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -39,7 +40,7 @@ def pick_by_dims(name: str, one: type, two: type, dims: int | None) -> type:
 def check_number(value: float, name: str, *, positive: bool, why: str = "") -> float:
     """``float(value)``; a ``ValueError`` naming ``name`` unless ``value`` is a finite real number,
     ``> 0`` when ``positive`` else ``>= 0`` (``why``, if given, is said in parentheses)."""
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value)
                                        and (value > 0 if positive else value >= 0)):
         raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}"
                          f"{f' ({why})' if why else ''}, got {value!r}")

@@ -166,7 +166,6 @@ def unitwise_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True, dtype=dtype)
 
 
-@torch.no_grad()
 def adaptive_clip_grad_(parameters: Iterable[Tensor] | Tensor, clip: float = 0.01, eps: float = 1e-3) -> None:
     """Adaptive gradient clipping in place (Brock et al. 2021, NFNets, arXiv 2102.06171, section 4.1).
 
@@ -177,8 +176,12 @@ def adaptive_clip_grad_(parameters: Iterable[Tensor] | Tensor, clip: float = 0.0
     """
     check_number(clip, "clip", positive=True)
     check_number(eps, "eps", positive=False, why="the lower bound on the weight norm")
-    if isinstance(parameters, Tensor):
-        parameters = [parameters]
+    _clip_grads([parameters] if isinstance(parameters, Tensor) else parameters, clip, eps)
+
+
+@torch.no_grad()
+def _clip_grads(parameters: Iterable[Tensor], clip: float, eps: float) -> None:
+    # adaptive_clip_grad_ without the argument checks (AdaptiveGradientClipping checks them once).
     for p in parameters:
         g = p.grad
         if g is None:
@@ -226,14 +229,15 @@ class AdaptiveGradientClipping:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.clip = check_number(clip, "clip", positive=True)
         self.eps = check_number(eps, "eps", positive=False, why="the lower bound on the weight norm")
-        self.head = [n for n, _ in _resolve_head(model, head, "agc: head")]
-        skip = {id(p) for _, m in _resolve_head(model, head, "agc: head") for p in m.parameters()}
+        heads = _resolve_head(model, head, "agc: head")
+        self.head = [n for n, _ in heads]
+        skip = {id(p) for _, m in heads for p in m.parameters()}
         self.named_params = [(n, p) for n, p in model.named_parameters() if id(p) not in skip]
         self.params = [p for _, p in self.named_params]
 
     def clip_(self) -> None:
         """Clip the current gradients in place."""
-        adaptive_clip_grad_(self.params, self.clip, self.eps)
+        _clip_grads(self.params, self.clip, self.eps)
 
     __call__ = clip_
 

@@ -272,10 +272,10 @@ def _outermost(model: nn.Module, types: tuple[type, ...]) -> list[tuple[str, nn.
 
 def _swap_apply(handle: Handle, name: str, layer: Callable[..., nn.Module], options: dict) -> None:
     swapped = swap_norms(handle.model, lambda nf, dims: layer(nf, dims, **options))
-    if not swapped and isinstance(handle.model, norm_types()):
-        raise ValueError(f"method {name!r} replaces normalization layers inside a model, never the model "
-                         f"itself, which is a {type(handle.model).__name__}: wrap it (nn.Sequential(layer))")
     if not swapped:
+        if isinstance(handle.model, norm_types()):
+            raise ValueError(f"method {name!r} replaces normalization layers inside a model, never the model "
+                             f"itself, which is a {type(handle.model).__name__}: wrap it (nn.Sequential(layer))")
         raise ValueError(
             f"method {name!r} replaces normalization layers, but the model has none "
             f"(looked for {', '.join(t.__name__ for t in norm_types())}); build the model with "

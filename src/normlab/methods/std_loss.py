@@ -189,14 +189,12 @@ class StandardizationLoss:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_number(weight, "weight", positive=False)
+        self.weight = check_number(weight, "weight", positive=False)
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean' (per layer), got {reduction!r}")
         if record not in ("output", "input"):
             raise ValueError(f"record must be 'output' or 'input', got {record!r}")
-        check_number(eps, "eps", positive=True)
-        self.weight = float(weight)
-        self.eps = float(eps)
+        self.eps = check_number(eps, "eps", positive=True)
         self.reduction = reduction
         self.record = record
         self.copy = bool(copy)
