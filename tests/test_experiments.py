@@ -497,15 +497,19 @@ def test_report_of_an_incomplete_sweep_says_what_is_missing_and_keeps_ci_in_rang
 
 @pytest.mark.slow
 def test_ctrl_c_during_a_sweep_with_workers_exits_130_without_a_traceback(tmp_path):
-    spec = _write_tiny(tmp_path, steps=3000, every=500)
+    # Runs far longer than the test (a fast machine had finished 3000 steps before the signal came).
+    spec = _write_tiny(tmp_path, steps=10_000_000, every=500)
     proc = subprocess.Popen([sys.executable, "-m", "normlab.cli", "run", str(spec), "--workers", "2", "--no-progress",
                              "--out", str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 60
-    while time.time() < deadline and not list((tmp_path / "out" / "checkpoints").glob("*.pt")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not list((tmp_path / "out" / "checkpoints").glob("*.pt")):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 130, err.decode()
     assert b"Traceback" not in err and b"interrupted" in err
 

@@ -175,6 +175,9 @@ class _Constants(NamedTuple):
     half_seg: Tensor  # 0.5 * seg
     offset: Tensor  # (L,): 0.5 * seg.sum(1), so that layer l's value is half_seg @ raw - offset
     inv_count: Tensor  # (C,): 1 / (elements per statistic) of each channel's layer
+    chan_w: Tensor  # (C,): seg.sum(0), d total / d kl_c
+    half_w: Tensor  # (C,): 0.5 * chan_w, so that the total is half_w . raw - total_offset
+    total_offset: float  # 0.5 * seg.sum()
 
 
 @functools.lru_cache(maxsize=64)
@@ -187,8 +190,8 @@ def _constants(sizes: tuple[int, ...], counts: tuple[int, ...], mean: bool, devi
         seg[layer, start:start + size] = 1.0 / size if mean else 1.0
         inv_count[start:start + size] = 1.0 / count
         start += size
-    out = (seg.T.contiguous(), 0.5 * seg, 0.5 * seg.sum(1), inv_count)
-    return _Constants(*(t.to(device=device, dtype=dtype) for t in out))
+    out = (seg.T.contiguous(), 0.5 * seg, 0.5 * seg.sum(1), inv_count, seg.sum(0), 0.5 * seg.sum(0))
+    return _Constants(*(t.to(device=device, dtype=dtype) for t in out), 0.5 * seg.sum().item())
 
 
 class _KL(torch.autograd.Function):
@@ -205,17 +208,25 @@ class _KL(torch.autograd.Function):
 
     ``layout`` holds, per layer, None for a tensor ``z`` (one input) or the patch count for patch
     moments (four inputs: weight, bias, mean, cov). Returns the per-layer reduced values
-    (``"sum"``/``"mean"``, shape (L,)) or the concatenated per-statistic values (``"none"``).
+    (``"sum"``/``"mean"``, shape (L,)) or the concatenated per-statistic values (``"none"``); given
+    a list ``sink`` (``"sum"``/``"mean"`` only), the sum over layers instead, 0-dim, with the
+    per-statistic ``raw = 2 * kl + 1`` (no gradient) appended to ``sink``, from which
+    :func:`_layer_values` gives the per-layer values when they are asked for (the standardization
+    loss's step needs only the total).
     """
 
     @staticmethod
-    def forward(ctx, eps: float, dims: tuple[int, ...] | None, reduction: str,  # type: ignore[override]
+    def forward(ctx, eps: float, dims: tuple[int, ...] | None, reduction: str, sink: list | None,  # type: ignore[override]
                 layout: tuple[int | None, ...], *inputs: Tensor | None) -> Tensor:
         means, variances, counts, saved, params, i = [], [], [], [], [], 0
         for count in layout:
             if count is None:
                 z = inputs[i]
-                mean, var = channel_moments(z, dims)
+                if dims is None and z.dtype in (torch.float32, torch.float64) and z.dim() > 1 \
+                        and z.numel() >= 2 * z.shape[1] > 0:  # channel_moments' own fast path, inline
+                    mean, var = torch.batch_norm_update_stats(z, None, None, 0.0)
+                else:
+                    mean, var = channel_moments(z, dims)
                 if dims is not None:
                     mean, var = mean.reshape(-1), var.reshape(-1)
                 counts.append(z.numel() // mean.numel())
@@ -245,9 +256,12 @@ class _KL(torch.autograd.Function):
         consts = _constants(sizes, tuple(counts), reduction == "mean", mean.device, mean.dtype)
         ctx.save_for_backward(mean, veps, *saved)
         ctx.layout, ctx.sizes, ctx.dims, ctx.none = layout, sizes, dims, reduction == "none"
-        ctx.consts, ctx.params = consts, params
+        ctx.consts, ctx.params, ctx.total = consts, params, sink is not None
         if reduction == "none":
             return raw.sub_(1.0).mul_(0.5)
+        if sink is not None:
+            sink.append(raw)
+            return torch.dot(raw, consts.half_w).sub_(consts.total_offset)
         return torch.addmv(consts.offset, consts.half_seg, raw, beta=-1.0)
 
     @staticmethod
@@ -258,36 +272,41 @@ class _KL(torch.autograd.Function):
                                "not supported")
         mean, veps, *saved = ctx.saved_tensors
         consts = ctx.consts
-        c = grad if ctx.none else torch.mv(consts.seg_t, grad)  # d loss / d kl_c
-        dmean = mean * c  # d loss / d mu_c
+        # d loss / d kl_c
+        c = grad if ctx.none else grad * consts.chan_w if ctx.total else torch.mv(consts.seg_t, grad)
         slope = torch.rsub(veps.reciprocal(), 1.0)  # 1 - r
-        dvar2 = slope * c  # 2 * d loss / d var_c
-        scale = c * consts.inv_count
+        layers = ctx.layout
+
+        def per_layer(v: Tensor) -> tuple[Tensor, ...]:  # one call per vector, not a slice per layer
+            return v.split(ctx.sizes) if len(layers) > 1 else (v,)
+
+        if any(count is not None for count in layers):  # patch moments
+            dmeans, dvars2 = per_layer(mean * c), per_layer(slope * c)  # d loss / d mu_c, 2 * d loss / d var_c
+        if any(count is None for count in layers):  # tensors
+            means, slopes, scales = per_layer(mean), per_layer(slope), per_layer(c * consts.inv_count)
         grads: list[Tensor | None] = []
-        start, s, w = 0, 0, 0
-        for count, size in zip(ctx.layout, ctx.sizes):
-            end = start + size
+        s, w = 0, 0
+        for layer, count in enumerate(layers):
             if count is None:
                 # (mu + (1 - r) * (z - mu)) * c / n, centred by lerp: b*z + a would cancel
                 # catastrophically for a nearly constant channel far from 0 (r large).
                 z = saved[s]
                 shape = _broadcast_shape(z, ctx.dims)
                 zf = z if z.dtype == mean.dtype else z.to(mean.dtype)
-                g = torch.lerp(mean[start:end].view(shape), zf, slope[start:end].view(shape))
-                g = g.mul_(scale[start:end].view(shape))
+                g = torch.lerp(means[layer].view(shape), zf, slopes[layer].view(shape))
+                g = g.mul_(scales[layer].view(shape))
                 grads.append(g if g.dtype == z.dtype else g.to(z.dtype))
                 s += 1
             else:
                 wcov, m = saved[s], saved[s + 1]
                 shape, dtype, bias_dtype = ctx.params[w]
-                dmean_l = dmean[start:end]
-                dw = torch.addcmul(torch.outer(dmean_l, m), dvar2[start:end, None], wcov).view(shape)
+                dmean_l = dmeans[layer]
+                dw = torch.addcmul(torch.outer(dmean_l, m), dvars2[layer].unsqueeze(1), wcov).view(shape)
                 grads += [dw if dw.dtype == dtype else dw.to(dtype),
                           None if bias_dtype is None else dmean_l.to(bias_dtype), None, None]
                 s += 2
                 w += 1
-            start = end
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 def _flatten(layers: Sequence[Tensor | PatchMoments]) -> tuple[tuple[int | None, ...], list[Tensor | None]]:
@@ -320,7 +339,21 @@ def layer_kls(zs: Sequence[Tensor | PatchMoments], eps: float = 1e-5, reduction:
         raise ValueError("zs is empty: nothing to compute the loss of")
     check_number(eps, "eps", positive=True, why="it keeps log(var + eps) finite for constant channels")
     layout, inputs = _flatten(zs)
-    return _KL.apply(float(eps), None, reduction, layout, *inputs)
+    return _KL.apply(float(eps), None, reduction, None, layout, *inputs)
+
+
+def _kl_total(layers: Sequence[Tensor | PatchMoments], eps: float, reduction: str) -> tuple[Tensor, Tensor]:
+    # layer_kls(layers, eps, reduction).sum() without the per-layer vector, and the per-statistic
+    # raw = 2 * kl + 1 (no gradient) for _layer_values; eps and reduction already checked.
+    layout, inputs = _flatten(layers)
+    sink: list[Tensor] = []
+    return _KL.apply(eps, None, reduction, sink, layout, *inputs), sink[0]
+
+
+def _layer_values(raw: Tensor, sizes: Sequence[int], reduction: str) -> list[float]:
+    # Per-layer values of layer_kls from _kl_total's raw: 0.5 * (sum or mean of raw - 1) per layer.
+    return [0.5 * ((part.sum() if reduction == "sum" else part.mean()).item() - (len(part) if reduction == "sum" else 1))
+            for part in raw.double().split(list(sizes))]
 
 
 def standardization_kl(
@@ -355,7 +388,7 @@ def standardization_kl(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     check_number(eps, "eps", positive=True, why="it keeps log(var + eps) finite for constant channels")
     dims = None if dim is None else _reduced_dims(z, dim)
-    out = _KL.apply(float(eps), dims, reduction, (None,), z)
+    out = _KL.apply(float(eps), dims, reduction, None, (None,), z)
     if reduction == "none":
         reduced = (0, *range(2, z.dim())) if dims is None else dims
         return out.view([size for d, size in enumerate(z.shape) if d not in reduced])

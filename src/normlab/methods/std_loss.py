@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..functional import PatchMoments, _shifted_patches, layer_kls, patch_moments
+from ..functional import PatchMoments, _kl_total, _layer_values, _shifted_patches, patch_moments
 from ._common import CONVS, LAYERS, check_number, resolve_modules
 from .registry import Handle, register, register_norm_type, swap_norms
 
@@ -75,15 +75,16 @@ def _geometry(module: nn.Module) -> tuple[tuple[int, ...], ...]:
 
 _TABLE_BYTES = 256 << 20  # the largest per-example table kept (the MNIST CNN's: 60000 x 90 doubles, 43 MB)
 _MAX_BUILDS = 2  # tables one StandardizationLoss may build before batch() stops using them
-# (id(data), geometry) -> (weakref to data, data's version, (table, P) or None if over the size cap)
-_tables: dict[tuple, tuple[weakref.ref, int, tuple[Tensor, int] | None]] = {}
+# (id(data), geometry) -> (weakref to data, data's version, (table, c, P) or None if over the size cap)
+_tables: dict[tuple, tuple[weakref.ref, int, tuple[Tensor, Tensor, int] | None]] = {}
 
 
-def _build_table(data: Tensor, geometry: tuple[tuple[int, ...], ...]) -> tuple[Tensor, int] | None:
+def _build_table(data: Tensor, geometry: tuple[tuple[int, ...], ...]) -> tuple[Tensor, Tensor, int] | None:
     # Per-example patch moments of a conv over the whole of `data`, kept in _tables while `data`
-    # lives: rows (N, K + K*K) float64 of mean_i = sum_p x_ip / P and the centred
-    # M2_i = sum_p (x_ip - mean_i)(x_ip - mean_i)^T over example i's P patches; and P. Both come
-    # from the residuals r_ip = x_ip - a_i around the data-precision mean a_i (no cancellation):
+    # lives, around c, the mean patch of the whole of `data`: rows (N, K + K*K) float64 of
+    # mean_i - c and Q_i = sum_p (x_ip - c)(x_ip - c)^T over example i's P patches; c; and P.
+    # Q_i = M2_i + P (mean_i - c)(mean_i - c)^T with the centred M2_i = sum_p (x_ip - mean_i)(...)^T,
+    # both from the residuals r_ip = x_ip - a_i around the data-precision mean a_i (no cancellation):
     # mean_i = a_i + sum_p r_ip / P in float64, M2_i = sum_p r_ip r_ip^T - (sum_p r_ip)(sum_p r_ip)^T / P.
     # None over _TABLE_BYTES.
     k = data.shape[1] * math.prod(geometry[0])
@@ -101,7 +102,11 @@ def _build_table(data: Tensor, geometry: tuple[tuple[int, ...], ...]) -> tuple[T
                 table[start:start + step, :k] = approx.squeeze(2).T + rsum.double() / positions
                 table[start:start + step, k:] = torch.baddbmm(torch.bmm(r, r.transpose(1, 2)), rsum.unsqueeze(2),
                                                               rsum.unsqueeze(1), alpha=-1 / positions).flatten(1)
-        found = (table, positions)
+            center = table[:, :k].mean(0)
+            for start in range(0, len(data), step):
+                d = table[start:start + step, :k].sub_(center)
+                table[start:start + step, k:].view(-1, k, k).baddbmm_(d.unsqueeze(2), d.unsqueeze(1), alpha=positions)
+        found = (table, center, positions)
     key = (id(data), geometry)
     _tables[key] = (weakref.ref(data, lambda _, key=key: _tables.pop(key, None)), data._version, found)
     return found
@@ -205,7 +210,7 @@ class StandardizationLoss:
         self._pending: list[tuple[str, Tensor | PatchMoments, int]] = []
         self._early: dict[int, PatchMoments] = {}  # first convs' patch moments, by id(module)
         self._produced: dict[int, tuple[PatchMoments, Tensor]] = {}  # the same, by id(output)
-        self._last: tuple[tuple[str, ...], Tensor] = ((), torch.zeros(0))
+        self._last: tuple[tuple[str, ...], tuple[int, ...], Tensor] = ((), (), torch.zeros(0))  # see terms()
         self._rows: tuple | None = None  # see batch(): (x, x._version, data, data._version, index)
         self._builds = 0  # per-example tables this loss has built (see batch())
         # A probe's tensor may be the output of a first conv (its own output with record="output",
@@ -249,8 +254,9 @@ class StandardizationLoss:
 
     def _from_table(self, module: nn.Module, x: Tensor, geometry: tuple[tuple[int, ...], ...]) -> PatchMoments | None:
         # The batch's patch moments from the per-example table, when x is batch()'s result, unchanged
-        # (and the data it came from too): with d_i = mean_i - m over the batch B,
-        # m = sum_i mean_i / |B| and S = sum_i M2_i / (|B| P) + sum_i d_i d_i^T / |B|.
+        # (and the data it came from too): with the sums over the batch B of the table's rows,
+        # D = sum_i (mean_i - c) and Q = sum_i Q_i, and d = D / |B|: m = c + d and
+        # S = Q / (|B| P) - d d^T (d is small: c is the mean of the whole data).
         rows = self._rows
         if rows is None or x is not rows[0] or x._version != rows[1] or rows[2]._version != rows[3]:
             return None
@@ -264,15 +270,15 @@ class StandardizationLoss:
         else:
             self._builds = max(self._builds, _MAX_BUILDS + 1)  # refused: batch() warns, once
             return None
-        if found is None or len(index) * found[1] < 2:
+        n = len(index)
+        if found is None or n * found[2] < 2:
             return None
-        table, positions = found
-        k = module.weight[0].numel()  # C_in * prod(kernel)
-        picked = table.index_select(0, index)
-        mean = picked[:, :k].mean(0)
-        d = picked[:, :k] - mean
-        cov = torch.addmm(picked[:, k:].sum(0).view(k, k), d.T, d, alpha=positions).div_(len(index) * positions)
-        return PatchMoments(module.weight, module.bias, mean, cov, len(index) * positions)
+        table, center, positions = found
+        k = len(center)
+        sums = table.index_select(0, index).sum(0)
+        d = sums[:k].div_(n)
+        cov = torch.addr(sums[k:].view(k, k), d, d, beta=1 / (n * positions), alpha=-1)
+        return PatchMoments(module.weight, module.bias, d.add_(center), cov, n * positions)
 
     def _alone(self, module: nn.Module) -> bool:
         # No hook but this loss's on the module, and no global module hook.
@@ -334,12 +340,14 @@ class StandardizationLoss:
         The values are those of ``data[index]``; what differs is the cost of the loss. When this very
         tensor reaches a first convolution that takes its moments from its input patches (see
         ``patch_moments`` above) unchanged, those moments are summed from per-example ones of
-        ``data``: over the ``P`` patches ``x_ip`` of example ``i``, ``mean_i = sum_p x_ip / P`` and
-        ``M2_i = sum_p (x_ip - mean_i)(x_ip - mean_i)^T``; for the batch ``B``, with
-        ``d_i = mean_i - m``, ``m = sum_i mean_i / |B|`` and
-        ``S = sum_i M2_i / (|B| P) + sum_i d_i d_i^T / |B|`` (Chan et al.'s pairwise update), all in
-        float64. That is a gather of ``K + K**2`` numbers per example (``K``: patch length; 90 on the
-        paper's MNIST CNN) instead of a pass over the batch's patches.
+        ``data``: with ``c`` the mean patch of all of ``data`` and, over the ``P`` patches ``x_ip``
+        of example ``i``, ``D_i = sum_p x_ip / P - c`` and ``Q_i = sum_p (x_ip - c)(x_ip - c)^T``,
+        the batch ``B`` has ``d = sum_i D_i / |B|``, mean ``m = c + d`` and covariance
+        ``S = sum_i Q_i / (|B| P) - d d^T``, all in float64 (``Q_i`` from the centred per-example
+        scatter, ``Q_i = M2_i + P D_i D_i^T``; the subtraction costs about ``1e-16 * |d|**2``, and
+        ``d`` is small, ``c`` being the data's own mean). That is a gather and sum of ``K + K**2``
+        numbers per example (``K``: patch length; 90 on the paper's MNIST CNN) instead of a pass
+        over the batch's patches.
 
         The table is built in one pass over ``data`` the first time (about 0.9 s and 43 MB for
         MNIST's 60000 images) and kept, for every ``StandardizationLoss``, as long as ``data`` lives with
@@ -363,7 +371,8 @@ class StandardizationLoss:
                              "mask.nonzero().squeeze(1)")
         index = index.long()  # unsigned numpy indices have no min/max in torch
         n = len(data)
-        if len(index) and not -n <= int(index.min()) <= int(index.max()) < n:
+        lo, hi = torch.aminmax(index) if len(index) else (0, -1)
+        if not (-n <= int(lo) and int(hi) < n):
             raise IndexError(f"index has row numbers outside [-{n}, {n}) for data of {n} rows")
         index = index.remainder(n) if n else index  # a copy: the caller may refill theirs
         if self._builds == _MAX_BUILDS + 1:
@@ -380,14 +389,14 @@ class StandardizationLoss:
     def __call__(self) -> Tensor:
         """``weight * sum`` of the KL terms recorded since the last call (a 0 tensor if none).
 
-        The moments are taken here, all layers in one autograd node (see
-        :func:`normlab.functional.layer_kls`); the hooks only keep a reference to each tensor
-        (or the patch moments of a first convolution).
+        The moments are taken here, all layers in one autograd node (as
+        :func:`normlab.functional.layer_kls` does, summed over the layers); the hooks only keep a
+        reference to each tensor (or the patch moments of a first convolution).
         """
         pending = self._pending
         self.clear()
         if not pending:
-            self._last = ((), torch.zeros(0))
+            self._last = ((), (), torch.zeros(0))
             return torch.zeros(())
         for name, z, version in pending:
             if isinstance(z, PatchMoments):
@@ -404,16 +413,16 @@ class StandardizationLoss:
                     "loss recorded it (e.g. by nn.ReLU(inplace=True) or `out += identity`), so its "
                     "pre-activation statistics are gone; make that operation out of place, or pass "
                     "copy=True (normlab.apply(model, 'std_loss', copy=True) / StandardizationLoss(..., copy=True))")
-        per_layer = layer_kls([z for _, z, _ in pending], eps=self.eps, reduction=self.reduction)
-        self._last = (tuple(name for name, _, _ in pending), per_layer.detach())
-        total = per_layer.sum()
+        total, raw = _kl_total([z for _, z, _ in pending], self.eps, self.reduction)
+        sizes = tuple(z.weight.shape[0] if isinstance(z, PatchMoments) else z.shape[1] for _, z, _ in pending)
+        self._last = (tuple(name for name, _, _ in pending), sizes, raw)
         return total * self.weight if self.weight != 1.0 else total
 
     def terms(self) -> dict[str, float]:
         """Per-module KL values (before ``weight``) of the last loss returned, for logging."""
-        names, values = self._last
+        names, sizes, raw = self._last
         out: dict[str, float] = {}
-        for name, value in zip(names, values.tolist()):
+        for name, value in zip(names, _layer_values(raw, sizes, self.reduction)):
             out[name] = out.get(name, 0.0) + value
         return out
 
