@@ -497,11 +497,13 @@ def test_report_of_an_incomplete_sweep_says_what_is_missing_and_keeps_ci_in_rang
 
 @pytest.mark.slow
 def test_ctrl_c_during_a_sweep_with_workers_exits_130_without_a_traceback(tmp_path):
-    # Runs far longer than the test (a fast machine had finished 3000 steps before the signal came).
+    # Runs far longer than the test. The child gets SIGINT's default action back: a shell without job
+    # control starts a background job (CI in the background) with SIGINT ignored, which is inherited.
     spec = _write_tiny(tmp_path, steps=10_000_000, every=500)
     proc = subprocess.Popen([sys.executable, "-m", "normlab.cli", "run", str(spec), "--workers", "2", "--no-progress",
                              "--out", str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not list((tmp_path / "out" / "checkpoints").glob("*.pt")):
