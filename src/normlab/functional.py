@@ -222,11 +222,7 @@ class _KL(torch.autograd.Function):
         for count in layout:
             if count is None:
                 z = inputs[i]
-                if dims is None and z.dtype in (torch.float32, torch.float64) and z.dim() > 1 \
-                        and z.numel() >= 2 * z.shape[1] > 0:  # channel_moments' own fast path, inline
-                    mean, var = torch.batch_norm_update_stats(z, None, None, 0.0)
-                else:
-                    mean, var = channel_moments(z, dims)
+                mean, var = channel_moments(z, dims)
                 if dims is not None:
                     mean, var = mean.reshape(-1), var.reshape(-1)
                 counts.append(z.numel() // mean.numel())
