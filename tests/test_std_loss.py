@@ -138,6 +138,31 @@ def test_method_swaps_norms_for_probes_and_records_their_inputs():
     assert handle.aux_loss().item() == 0.0
 
 
+def test_probes_report_without_hooks_and_a_second_loss_or_a_copy_is_handled():
+    import copy
+
+    model = models.cnn(norm="bn")
+    handle = normlab.apply(model, "std_loss")
+    probes = [m for m in model.modules() if type(m).__name__ == "_Probe"]
+    assert len(probes) == 3 and all(p.report is not None and not p._forward_hooks for p in probes)
+    x = torch.randn(8, 1, 28, 28)
+    # a second loss on the same probes takes forward hooks, and both see every layer
+    with StandardizationLoss(model, modules=["1", "4", "7"], record="input") as second:
+        assert all(len(p._forward_hooks) == 1 for p in probes)
+        model(x)
+        torch.testing.assert_close(second(), handle.aux_loss())
+    twin = copy.deepcopy(model)
+    twin(x * 10)  # a copy's probes hold the same report, which ignores them
+    assert handle.aux_loss().item() == 0.0
+    model(x)
+    want = handle.aux_loss()
+    assert want.item() > 0
+    handle.state["std_loss"].remove()
+    assert all(p.report is None and not p._forward_hooks for p in probes)
+    model(x)
+    assert handle.state["std_loss"]().item() == 0.0
+
+
 def test_method_affine_and_model_without_norms():
     model = models.cnn(norm="bn")
     handle = normlab.apply(model, "std_loss", affine=True)
@@ -450,20 +475,31 @@ def test_batch_keeps_precision_when_the_batch_is_far_from_the_data_mean():
         assert std().item() == pytest.approx(want.item(), rel=1e-6)
 
 
-def test_batch_index_is_copied_and_read_like_indexing():
+@pytest.mark.parametrize("numbers", [[-1, 0, 5, -30], [29, 0, 5, 0]])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int64])
+def test_batch_index_is_read_like_indexing_and_may_be_reused(numbers, dtype, monkeypatch):
     torch.manual_seed(0)
     data = torch.randn(30, 1, 8, 8)
     model, twin = first_conv_net(), first_conv_net()
     with StandardizationLoss(twin, patch_moments=False) as ref:
-        twin(data[torch.tensor([-1, 0, 5, -30])])
+        twin(data[torch.tensor(numbers)])
         want = ref().item()
+    calls = []
+    mod = _std_loss_module()
+    real = mod.patch_moments
+    monkeypatch.setattr(mod, "patch_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
     with StandardizationLoss(model) as std:
-        index = torch.tensor([-1, 0, 5, -30], dtype=torch.int16)
-        x = std.batch(data, index)
-        torch.testing.assert_close(x, data[index.long()], rtol=0, atol=0)
-        index.fill_(7)  # the caller reuses its index buffer before the forward pass
-        model(x)
-        assert std().item() == pytest.approx(want, rel=1e-5)
+        for reuse in (False, True):
+            index = torch.tensor(numbers, dtype=dtype)
+            x = std.batch(data, index)
+            torch.testing.assert_close(x, data[index.long()], rtol=0, atol=0)
+            if reuse:
+                index.fill_(7)  # the caller refills its index buffer before the forward pass
+            model(x)
+            assert std().item() == pytest.approx(want, rel=1e-5)
+    # batch() reads an int64 CPU index of row numbers as it is (others it converts: a copy), and one
+    # refilled in place makes the first conv take its batch's own patches, never other rows
+    assert calls == ([1] if dtype == torch.int64 and min(numbers) >= 0 else [])
 
 
 def test_batch_stops_building_tables_for_ever_new_data(monkeypatch):

@@ -23,6 +23,7 @@ from .methods._common import check_number
 __all__ = ["channel_moments", "standardization_kl", "layer_kls", "patch_moments", "PatchMoments"]
 
 _REDUCTIONS = ("sum", "mean", "none")
+_FLOAT32_64 = (torch.float32, torch.float64)
 
 
 def _reduced_dims(z: Tensor, dim: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -55,6 +56,9 @@ def channel_moments(z: Tensor, dim: int | Sequence[int] | None = None) -> tuple[
 
     Raises ``ValueError`` when the variance is undefined (a single element per statistic).
     """
+    if dim is None and z.dtype in _FLOAT32_64 and z.dim() >= 2 and z.numel() > z.shape[1] \
+            and not (z.requires_grad and torch.is_grad_enabled()):  # the common case, first: no more checks
+        return torch.batch_norm_update_stats(z, None, None, 0.0)
     dims = _reduced_dims(z, dim)
     n = 1
     for d in dims:
@@ -64,11 +68,10 @@ def channel_moments(z: Tensor, dim: int | Sequence[int] | None = None) -> tuple[
             f"the variance over dims {dims} of a tensor of shape {tuple(z.shape)} is undefined "
             "(one element per channel): use a batch of at least 2 samples, or reduce over more dims"
         )
-    if z.dtype not in (torch.float32, torch.float64):
+    if z.dtype not in _FLOAT32_64:
         z = z.float()
     if dim is None and not (z.requires_grad and torch.is_grad_enabled()):
-        mean, var = torch.batch_norm_update_stats(z, None, None, 0.0)
-        return mean, var
+        return torch.batch_norm_update_stats(z, None, None, 0.0)
     var, mean = torch.var_mean(z, dim=dims, correction=0)
     return (mean.flatten(), var.flatten()) if dim is None else (mean, var)
 
@@ -178,6 +181,7 @@ class _Constants(NamedTuple):
     chan_w: Tensor  # (C,): seg.sum(0), d total / d kl_c
     half_w: Tensor  # (C,): 0.5 * chan_w, so that the total is half_w . raw - total_offset
     total_offset: float  # 0.5 * seg.sum()
+    unit: bool  # chan_w is all ones ("sum"): d total / d kl_c is the incoming gradient itself
 
 
 @functools.lru_cache(maxsize=64)
@@ -191,7 +195,8 @@ def _constants(sizes: tuple[int, ...], counts: tuple[int, ...], mean: bool, devi
         inv_count[start:start + size] = 1.0 / count
         start += size
     out = (seg.T.contiguous(), 0.5 * seg, 0.5 * seg.sum(1), inv_count, seg.sum(0), 0.5 * seg.sum(0))
-    return _Constants(*(t.to(device=device, dtype=dtype) for t in out), 0.5 * seg.sum().item())
+    return _Constants(*(t.to(device=device, dtype=dtype) for t in out), 0.5 * seg.sum().item(),
+                      not mean or all(size == 1 for size in sizes))
 
 
 class _KL(torch.autograd.Function):
@@ -199,12 +204,13 @@ class _KL(torch.autograd.Function):
 
     Each layer is a pre-activation ``z`` or the :class:`PatchMoments` of a convolution. With
     ``r_c = 1 / (var_c + eps)``, ``d kl_c / d mu_c = mu_c`` and ``d kl_c / d var_c = (1 - r_c) / 2``,
-    so for ``z`` with ``n`` elements per statistic ``d kl_c / d z = (mu_c + (1 - r_c) (z - mu_c)) / n``:
-    the whole backward of a layer is one ``lerp`` and one scaling over ``z``, with no autograd
-    graph through the moments (and no second derivative: ``create_graph=True`` through it raises).
-    For patch moments it is ``d/dw_c = mu_c m + (1 - r_c) S w_c`` and ``d/db_c = mu_c``. The small
-    per-channel maths of all layers is done once on their concatenated statistics: on a small
-    network those tiny ops, not the big tensors, dominate, so this code counts them.
+    so for ``z`` with ``n`` elements per statistic ``d kl_c / d z = (mu_c + (1 - r_c) (z - mu_c)) / n``
+    ``= lerp(z, mu_c, r_c) / n``: the whole backward of a layer is one ``lerp`` and one scaling over
+    ``z``, with no autograd graph through the moments (and no second derivative:
+    ``create_graph=True`` through it raises). For patch moments it is
+    ``d/dw_c = mu_c m + (1 - r_c) S w_c`` and ``d/db_c = mu_c``. The small per-channel maths of all
+    layers is done once on their concatenated statistics: on a small network those tiny ops, not
+    the big tensors, dominate, so this code counts them.
 
     ``layout`` holds, per layer, None for a tensor ``z`` (one input) or the patch count for patch
     moments (four inputs: weight, bias, mean, cov). Returns the per-layer reduced values
@@ -235,8 +241,8 @@ class _KL(torch.autograd.Function):
                     w = w.to(cov.dtype)
                 mean = torch.mv(w, m) if bias is None else torch.addmv(bias.to(cov.dtype), w, m)
                 wcov = torch.mm(w, cov)
-                var = (wcov * w).sum(1).clamp_(min=0.0)
-                if weight.dtype in (torch.float32, torch.float64) and weight.dtype != var.dtype:
+                var = torch.linalg.vecdot(wcov, w).clamp_(min=0.0)  # w_c^T S w_c
+                if weight.dtype in _FLOAT32_64 and weight.dtype != var.dtype:
                     mean, var = mean.to(weight.dtype), var.to(weight.dtype)  # computed in float64
                 counts.append(count)
                 saved += [wcov, m]
@@ -267,39 +273,42 @@ class _KL(torch.autograd.Function):
                                "create_graph=True through it (a gradient penalty, a Hessian-vector product) is "
                                "not supported")
         mean, veps, *saved = ctx.saved_tensors
-        consts = ctx.consts
-        # d loss / d kl_c
-        c = grad if ctx.none else grad * consts.chan_w if ctx.total else torch.mv(consts.seg_t, grad)
-        slope = torch.rsub(veps.reciprocal(), 1.0)  # 1 - r
-        layers = ctx.layout
-
-        def per_layer(v: Tensor) -> tuple[Tensor, ...]:  # one call per vector, not a slice per layer
-            return v.split(ctx.sizes) if len(layers) > 1 else (v,)
-
-        if any(count is not None for count in layers):  # patch moments
-            dmeans, dvars2 = per_layer(mean * c), per_layer(slope * c)  # d loss / d mu_c, 2 * d loss / d var_c
-        if any(count is None for count in layers):  # tensors
-            means, slopes, scales = per_layer(mean), per_layer(slope), per_layer(c * consts.inv_count)
+        consts, layers, sizes = ctx.consts, ctx.layout, ctx.sizes
+        # c = d loss / d kl_c: the incoming gradient itself (0-dim, broadcast) for the total of "sum"
+        c = grad if ctx.none else torch.mv(consts.seg_t, grad) if not ctx.total else grad if consts.unit \
+            else grad * consts.chan_w
+        r = veps.reciprocal()
+        several = len(layers) > 1  # per-layer views of a per-channel vector: one split, not a slice per layer
+        if None in layers:  # tensors: lerp(z, mu, r) * c / n
+            means, rs = (mean.split_with_sizes(sizes), r.split_with_sizes(sizes)) if several else ((mean,), (r,))
+            scale = c * consts.inv_count
+            scales = scale.split_with_sizes(sizes) if several else (scale,)
+        if layers.count(None) < len(layers):  # patch moments: d/dw = c mu m^T + c (1 - r) S w, d/db = c mu
+            cmean, cslope = mean * c, torch.addcmul(c, r, c, value=-1.0)
+            if several:
+                cmean, cslope = cmean.split_with_sizes(sizes), cslope.split_with_sizes(sizes)
+            else:
+                cmean, cslope = (cmean,), (cslope,)
         grads: list[Tensor | None] = []
         s, w = 0, 0
         for layer, count in enumerate(layers):
             if count is None:
-                # (mu + (1 - r) * (z - mu)) * c / n, centred by lerp: b*z + a would cancel
+                # z + r (mu - z) = mu + (1 - r) (z - mu), centred by lerp: (1 - r) z + r mu would cancel
                 # catastrophically for a nearly constant channel far from 0 (r large).
                 z = saved[s]
                 shape = _broadcast_shape(z, ctx.dims)
                 zf = z if z.dtype == mean.dtype else z.to(mean.dtype)
-                g = torch.lerp(means[layer].view(shape), zf, slopes[layer].view(shape))
-                g = g.mul_(scales[layer].view(shape))
+                g = torch.lerp(zf, means[layer].view(shape), rs[layer].view(shape)).mul_(scales[layer].view(shape))
                 grads.append(g if g.dtype == z.dtype else g.to(z.dtype))
                 s += 1
             else:
                 wcov, m = saved[s], saved[s + 1]
                 shape, dtype, bias_dtype = ctx.params[w]
-                dmean_l = dmeans[layer]
-                dw = torch.addcmul(torch.outer(dmean_l, m), dvars2[layer].unsqueeze(1), wcov).view(shape)
+                db = cmean[layer]
+                dw = torch.addcmul(torch.outer(db, m), cslope[layer].unsqueeze(1), wcov).view(shape)
                 grads += [dw if dw.dtype == dtype else dw.to(dtype),
-                          None if bias_dtype is None else dmean_l.to(bias_dtype), None, None]
+                          None if bias_dtype is None else db if db.dtype == bias_dtype else db.to(bias_dtype),
+                          None, None]
                 s += 2
                 w += 1
         return (None, None, None, None, None, *grads)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +122,21 @@ def _recording() -> bool:
     return torch.is_grad_enabled() and _graph_task_id() == -1
 
 
+def _row_numbers(index: object, data: Tensor) -> Tensor:
+    # index as a 1-D int64 tensor on data's device of row numbers in [0, n) of data's n rows (numbers
+    # in [-n, 0) count from the end), or a clear error.
+    index, n = torch.as_tensor(index, device=data.device), len(data)
+    if index.dim() != 1 or index.is_floating_point() or index.is_complex() or index.dtype in (torch.bool, torch.uint8):
+        raise ValueError(f"index must be a 1-D tensor of integer row numbers, got {index.dtype} of shape "
+                         f"{tuple(index.shape)} (bool and uint8 index a tensor as masks); for a mask pass "
+                         "mask.nonzero().squeeze(1)")
+    index = index.long()  # unsigned numpy indices have no min/max in torch
+    lo, hi = torch.aminmax(index) if len(index) else (0, -1)
+    if not (-n <= int(lo) and int(hi) < n):
+        raise IndexError(f"index has row numbers outside [-{n}, {n}) for data of {n} rows")
+    return index.remainder(n) if int(lo) < 0 else index
+
+
 class StandardizationLoss:
     """Records pre-activation statistics of a model and returns the standardization loss.
 
@@ -211,7 +226,8 @@ class StandardizationLoss:
         self._early: dict[int, PatchMoments] = {}  # first convs' patch moments, by id(module)
         self._produced: dict[int, tuple[PatchMoments, Tensor]] = {}  # the same, by id(output)
         self._last: tuple[tuple[str, ...], tuple[int, ...], Tensor] = ((), (), torch.zeros(0))  # see terms()
-        self._rows: tuple | None = None  # see batch(): (x, x._version, data, data._version, index)
+        # see batch(): (x, x._version, data, data._version, index, index._version)
+        self._rows: tuple[Tensor, int, Tensor, int, Tensor, int] | None = None
         self._builds = 0  # per-example tables this loss has built (see batch())
         # A probe's tensor may be the output of a first conv (its own output with record="output",
         # any conv's with record="input"). The patch moments are taken in a pre-hook, before the
@@ -223,7 +239,15 @@ class StandardizationLoss:
         for m in firsts:
             if _patch_conv(m, patch_moments):
                 self._hooks += [m.register_forward_pre_hook(self._take), m.register_forward_hook(self._produce)]
-        self._hooks += [m.register_forward_hook(self._hook(name, m)) for name, m in self.modules]
+        # A probe that stands where a normalization layer was reports its input itself: a module with
+        # hooks takes torch's slower call path.
+        self._reporting: list[_Probe] = []
+        for name, m in self.modules:
+            if type(m) is _Probe and record == "input" and m.report is None:
+                m.report = self._hook(name, m)
+                self._reporting.append(m)
+            else:
+                self._hooks.append(m.register_forward_hook(self._hook(name, m)))
         # The hooks act on these modules only: a copy.deepcopy of the model copies the hooks too, and
         # a copy's forward must not report into this loss. A first conv with hooks of others (which
         # may change its input or output) records its output instead of taking patch moments.
@@ -244,8 +268,8 @@ class StandardizationLoss:
         return out
 
     def _take(self, module: nn.Module, args: tuple) -> None:
-        if module.training and _recording() and args and _takes_patches(module, args[0]) \
-                and id(module) in self._ids and self._alone(module):
+        if module.training and args and id(module) in self._ids and _recording() \
+                and _takes_patches(module, args[0]) and self._alone(module):
             geometry = _geometry(module)
             moments = self._from_table(module, args[0], geometry)
             if moments is None:
@@ -254,11 +278,12 @@ class StandardizationLoss:
 
     def _from_table(self, module: nn.Module, x: Tensor, geometry: tuple[tuple[int, ...], ...]) -> PatchMoments | None:
         # The batch's patch moments from the per-example table, when x is batch()'s result, unchanged
-        # (and the data it came from too): with the sums over the batch B of the table's rows,
-        # D = sum_i (mean_i - c) and Q = sum_i Q_i, and d = D / |B|: m = c + d and
-        # S = Q / (|B| P) - d d^T (d is small: c is the mean of the whole data).
+        # (and the data and index it came from too): with the sums over the batch B of the table's rows,
+        # D = sum_i (mean_i - c) and Q = sum_i Q_i: m = c + D / |B| and S = Q / (|B| P) - D D^T / |B|^2
+        # (D / |B| is small: c is the mean of the whole data).
         rows = self._rows
-        if rows is None or x is not rows[0] or x._version != rows[1] or rows[2]._version != rows[3]:
+        if rows is None or x is not rows[0] or x._version != rows[1] or rows[2]._version != rows[3] \
+                or rows[4]._version != rows[5]:
             return None
         data, index = rows[2], rows[4]
         hit = _tables.get((id(data), geometry))
@@ -275,10 +300,9 @@ class StandardizationLoss:
             return None
         table, center, positions = found
         k = len(center)
-        sums = table.index_select(0, index).sum(0)
-        d = sums[:k].div_(n)
-        cov = torch.addr(sums[k:].view(k, k), d, d, beta=1 / (n * positions), alpha=-1)
-        return PatchMoments(module.weight, module.bias, d.add_(center), cov, n * positions)
+        dev, scatter = table.index_select(0, index).sum(0).split_with_sizes((k, k * k))
+        cov = torch.addr(scatter.view(k, k), dev, dev, beta=1 / (n * positions), alpha=-1 / (n * n))
+        return PatchMoments(module.weight, module.bias, torch.add(center, dev, alpha=1 / n), cov, n * positions)
 
     def _alone(self, module: nn.Module) -> bool:
         # No hook but this loss's on the module, and no global module hook.
@@ -355,8 +379,8 @@ class StandardizationLoss:
         after building tables for two different or changed ``data`` tensors, a loss warns and builds
         no more. Anything else takes the usual path: another tensor (``batch``'s result converted,
         e.g. ``.to(device)``, or ``.contiguous(memory_format=torch.channels_last)`` on multi-channel
-        data: convert ``data`` once instead), this one changed in place, and everything after the
-        next call of the loss. Changes to ``data`` that bypass torch's version counter (writes
+        data: convert ``data`` once instead), this one (or ``index``) changed in place before the
+        forward pass, and everything after the next call of the loss. Changes to ``data`` that bypass torch's version counter (writes
         through a numpy array that shares its memory) are not seen.
         """
         if not isinstance(data, Tensor):
@@ -364,17 +388,16 @@ class StandardizationLoss:
         if data.dim() < 2:
             raise ValueError(f"data must be a tensor of examples (N, ...) with at least 2 dims, got shape "
                              f"{tuple(data.shape)}")
-        index = torch.as_tensor(index, device=data.device)
-        if index.dim() != 1 or index.is_floating_point() or index.is_complex() or index.dtype in (torch.bool, torch.uint8):
-            raise ValueError(f"index must be a 1-D tensor of integer row numbers, got {index.dtype} of shape "
-                             f"{tuple(index.shape)} (bool and uint8 index a tensor as masks); for a mask pass "
-                             "mask.nonzero().squeeze(1)")
-        index = index.long()  # unsigned numpy indices have no min/max in torch
-        n = len(data)
-        lo, hi = torch.aminmax(index) if len(index) else (0, -1)
-        if not (-n <= int(lo) and int(hi) < n):
-            raise IndexError(f"index has row numbers outside [-{n}, {n}) for data of {n} rows")
-        index = index.remainder(n) if n else index  # a copy: the caller may refill theirs
+        if data.device.type == "cpu" and isinstance(index, Tensor) and index.dtype == torch.int64 and index.dim() == 1 \
+                and index.device.type == "cpu":
+            try:  # the common case: CPU's index_select checks the bounds itself
+                x = data.index_select(0, index)
+            except IndexError:  # out of range, or negative: say which, or count from the end
+                index = _row_numbers(index, data)
+                x = data.index_select(0, index)
+        else:  # another index type, or a CUDA gather (which does not raise on a bad index): check first
+            index = _row_numbers(index, data)
+            x = data.index_select(0, index)
         if self._builds == _MAX_BUILDS + 1:
             self._builds += 1
             warnings.warn(
@@ -382,8 +405,7 @@ class StandardizationLoss:
                 "data tensor (a slice, a copy, data changed in place): it builds no more and takes each batch's "
                 "own patches. Pass the same unchanged dataset tensor to batch() every step (slice the index, "
                 "not the data), or index the data yourself", stacklevel=2)
-        x = data.index_select(0, index)
-        self._rows = (x, x._version, data, data._version, index)
+        self._rows = (x, x._version, data, data._version, index, index._version)
         return x
 
     def __call__(self) -> Tensor:
@@ -430,7 +452,9 @@ class StandardizationLoss:
         """Detach every hook: the model is left exactly as it was."""
         for h in self._hooks:
             h.remove()
-        self._hooks = []
+        for m in self._reporting:
+            m.report = None
+        self._hooks, self._reporting = [], []
         self.clear()
 
     def __enter__(self) -> StandardizationLoss:
@@ -474,7 +498,20 @@ register_norm_type(ChannelAffine)
 
 
 class _Probe(nn.Identity):
-    """Identity at the place of a removed normalization layer; the standardization loss hooks it."""
+    """Identity at the place of a removed normalization layer, whose input the standardization loss
+    records: ``report(self, (x,), x)``, called as a forward hook would be (its result, if not None,
+    replaces the output), without the slower call path of a module with hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.report: Callable[[nn.Module, tuple, Tensor], Tensor | None] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.report is not None:
+            out = self.report(self, (x,), x)
+            if out is not None:
+                return out
+        return x
 
 
 @register("std_loss", "standardization loss (Collins et al. 2019): KL of each pre-activation channel to N(0,1), "
