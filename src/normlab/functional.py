@@ -278,17 +278,14 @@ class _KL(torch.autograd.Function):
         c = grad if ctx.none else torch.mv(consts.seg_t, grad) if not ctx.total else grad if consts.unit \
             else grad * consts.chan_w
         r = veps.reciprocal()
-        several = len(layers) > 1  # per-layer views of a per-channel vector: one split, not a slice per layer
+
+        def per_layer(v: Tensor) -> tuple[Tensor, ...]:  # one split per vector, not a slice per layer
+            return v.split_with_sizes(sizes) if len(sizes) > 1 else (v,)
+
         if None in layers:  # tensors: lerp(z, mu, r) * c / n
-            means, rs = (mean.split_with_sizes(sizes), r.split_with_sizes(sizes)) if several else ((mean,), (r,))
-            scale = c * consts.inv_count
-            scales = scale.split_with_sizes(sizes) if several else (scale,)
+            means, rs, scales = per_layer(mean), per_layer(r), per_layer(c * consts.inv_count)
         if layers.count(None) < len(layers):  # patch moments: d/dw = c mu m^T + c (1 - r) S w, d/db = c mu
-            cmean, cslope = mean * c, torch.addcmul(c, r, c, value=-1.0)
-            if several:
-                cmean, cslope = cmean.split_with_sizes(sizes), cslope.split_with_sizes(sizes)
-            else:
-                cmean, cslope = (cmean,), (cslope,)
+            cmean, cslope = per_layer(mean * c), per_layer(torch.addcmul(c, r, c, value=-1.0))
         grads: list[Tensor | None] = []
         s, w = 0, 0
         for layer, count in enumerate(layers):

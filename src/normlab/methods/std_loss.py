@@ -131,10 +131,10 @@ def _row_numbers(index: object, data: Tensor) -> Tensor:
                          f"{tuple(index.shape)} (bool and uint8 index a tensor as masks); for a mask pass "
                          "mask.nonzero().squeeze(1)")
     index = index.long()  # unsigned numpy indices have no min/max in torch
-    lo, hi = torch.aminmax(index) if len(index) else (0, -1)
-    if not (-n <= int(lo) and int(hi) < n):
+    lo, hi = (int(v) for v in torch.aminmax(index)) if len(index) else (0, -1)
+    if not (-n <= lo and hi < n):
         raise IndexError(f"index has row numbers outside [-{n}, {n}) for data of {n} rows")
-    return index.remainder(n) if int(lo) < 0 else index
+    return index.remainder(n) if lo < 0 else index
 
 
 class StandardizationLoss:
@@ -380,22 +380,22 @@ class StandardizationLoss:
         no more. Anything else takes the usual path: another tensor (``batch``'s result converted,
         e.g. ``.to(device)``, or ``.contiguous(memory_format=torch.channels_last)`` on multi-channel
         data: convert ``data`` once instead), this one (or ``index``) changed in place before the
-        forward pass, and everything after the next call of the loss. Changes to ``data`` that bypass torch's version counter (writes
-        through a numpy array that shares its memory) are not seen.
+        forward pass, and everything after the next call of the loss. Changes to ``data`` that bypass
+        torch's version counter (writes through a numpy array that shares its memory) are not seen.
         """
         if not isinstance(data, Tensor):
             raise TypeError(f"data must be a tensor of examples (N, ...), got {type(data).__name__}")
         if data.dim() < 2:
             raise ValueError(f"data must be a tensor of examples (N, ...) with at least 2 dims, got shape "
                              f"{tuple(data.shape)}")
-        if data.device.type == "cpu" and isinstance(index, Tensor) and index.dtype == torch.int64 and index.dim() == 1 \
-                and index.device.type == "cpu":
-            try:  # the common case: CPU's index_select checks the bounds itself
-                x = data.index_select(0, index)
-            except IndexError:  # out of range, or negative: say which, or count from the end
-                index = _row_numbers(index, data)
-                x = data.index_select(0, index)
-        else:  # another index type, or a CUDA gather (which does not raise on a bad index): check first
+        # An int64 index of CPU data goes straight to index_select, which checks the bounds itself;
+        # another index type, or a CUDA gather (which does not raise on a bad index), is checked first.
+        if not (data.device.type == "cpu" and isinstance(index, Tensor) and index.dtype == torch.int64
+                and index.dim() == 1 and index.device.type == "cpu"):
+            index = _row_numbers(index, data)
+        try:
+            x = data.index_select(0, index)
+        except IndexError:  # out of range, or negative: say which, or count from the end
             index = _row_numbers(index, data)
             x = data.index_select(0, index)
         if self._builds == _MAX_BUILDS + 1:
