@@ -249,7 +249,8 @@ def test_torch_compile_matches_eager(method, opts):
     twin = copy.deepcopy(model)
     compiled = torch.compile(twin, backend="aot_eager")
     x = torch.randn(8, 3, 8, 8)
-    y, y_c = model(x), compiled(x)
+    lp._expected_topk_mean.cache_clear()  # the compiled forward computes its constant first, untraced
+    y_c, y = compiled(x), model(x)
     y.square().sum().backward()
     y_c.square().sum().backward()
     torch.testing.assert_close(y_c, y)

@@ -68,10 +68,12 @@ def expected_topk_mean(n: int, k: int) -> float:
     """
     if not 1 <= k <= n:
         raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    if torch.compiler.is_compiling():  # a constant of the shapes: computed eagerly, never traced
+        # (torch.compiler.disable imports torch._dynamo, about 1 s: only here, where it is loaded already)
+        return torch.compiler.disable(_expected_topk_mean)(int(n), int(k))
     return _expected_topk_mean(int(n), int(k))
 
 
-@torch.compiler.disable  # a constant of the shapes: computed eagerly, never traced
 @functools.lru_cache(maxsize=256)
 def _expected_topk_mean(n: int, k: int) -> float:
     x = torch.linspace(0.0, 12.0, 48001, dtype=torch.float64)
