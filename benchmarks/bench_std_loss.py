@@ -7,7 +7,7 @@ training set, forward, loss, backward, update; batch 128, channels_last, one thr
 * ``std_loss``  - normlab's standardization loss (``normlab.apply(model, "std_loss")``) as the engine
                   runs it: the minibatch taken through ``StandardizationLoss.batch``, so that the first
                   conv's moments are summed from the per-example table of the training set,
-* ``std_loss_hooks`` - the same loss on a minibatch gathered by plain indexing (what a user's own loop
+* ``std_loss_hooks`` - the same loss on a minibatch gathered without it, by ``index_select`` (what a user's own loop
                   gets without ``batch``): the first conv's moments from the batch's patches,
 * ``naive``     - the same loss written the obvious way: forward hooks with ``torch.var_mean`` over
                   (0, 2, 3) and autograd through it,
@@ -53,7 +53,7 @@ def make_step(variant: str, data_x: torch.Tensor, data_y: torch.Tensor, batches:
     fmt = torch.contiguous_format if variant == "naive_nchw" else torch.channels_last
     model = models.cnn(norm=norm).to(memory_format=fmt)
     aux = lambda: 0.0  # noqa: E731
-    gather = lambda x, idx: x[idx]  # noqa: E731
+    gather = lambda x, idx: x.index_select(0, idx)  # noqa: E731
     if variant in ("std_loss", "std_loss_hooks"):
         handle = apply(models.cnn(norm="bn").to(memory_format=torch.channels_last), "std_loss")
         model, aux = handle.model, handle.aux_loss
@@ -73,7 +73,7 @@ def make_step(variant: str, data_x: torch.Tensor, data_y: torch.Tensor, batches:
         nonlocal i
         idx = batches[i % len(batches)]
         i += 1
-        x, y = gather(data_x, idx).contiguous(memory_format=fmt), data_y[idx]  # as normlab.engine.train does
+        x, y = gather(data_x, idx).contiguous(memory_format=fmt), data_y.index_select(0, idx)  # as engine.train does
         loss = F.cross_entropy(model(x), y) + aux()
         opt.zero_grad(set_to_none=True)
         loss.backward()
