@@ -275,8 +275,12 @@ class _KL(torch.autograd.Function):
         mean, veps, *saved = ctx.saved_tensors
         consts, layers, sizes = ctx.consts, ctx.layout, ctx.sizes
         # c = d loss / d kl_c: the incoming gradient itself (0-dim, broadcast) for the total of "sum"
-        c = grad if ctx.none else torch.mv(consts.seg_t, grad) if not ctx.total else grad if consts.unit \
-            else grad * consts.chan_w
+        if ctx.none:
+            c = grad
+        elif ctx.total:
+            c = grad if consts.unit else grad * consts.chan_w
+        else:
+            c = torch.mv(consts.seg_t, grad)
         r = veps.reciprocal()
 
         def per_layer(v: Tensor) -> tuple[Tensor, ...]:  # one split per vector, not a slice per layer
