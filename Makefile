@@ -10,7 +10,7 @@ ARGS ?=
 .PHONY: setup reproduce test
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml src/normlab/_fused.c
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'

@@ -7,6 +7,8 @@ training set, forward, loss, backward, update; batch 128, channels_last, one thr
 * ``std_loss``  - normlab's standardization loss (``normlab.apply(model, "std_loss")``) as the engine
                   runs it: the minibatch taken through ``StandardizationLoss.batch``, so that the first
                   conv's moments are summed from the per-example table of the training set,
+* ``std_loss_torch`` - ``std_loss`` with its per-channel maths as torch operations, as normlab runs it
+                  where its C loops (``normlab/_fused.c``) were not compiled or with NORMLAB_PURE_TORCH=1,
 * ``std_loss_hooks`` - the same loss on a minibatch gathered without it, by ``index_select`` (what a user's own loop
                   gets without ``batch``): the first conv's moments from the batch's patches,
 * ``naive``     - the same loss written the obvious way: forward hooks with ``torch.var_mean`` over
@@ -32,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from normlab import apply, data, engine, models
+from normlab import apply, data, engine, functional, models
 
 
 def naive_std_loss(model: torch.nn.Module) -> tuple[list, list]:
@@ -54,10 +56,10 @@ def make_step(variant: str, data_x: torch.Tensor, data_y: torch.Tensor, batches:
     model = models.cnn(norm=norm).to(memory_format=fmt)
     aux = lambda: 0.0  # noqa: E731
     gather = lambda x, idx: x.index_select(0, idx)  # noqa: E731
-    if variant in ("std_loss", "std_loss_hooks"):
+    if variant in ("std_loss", "std_loss_torch", "std_loss_hooks"):
         handle = apply(models.cnn(norm="bn").to(memory_format=torch.channels_last), "std_loss")
         model, aux = handle.model, handle.aux_loss
-        if variant == "std_loss":
+        if variant != "std_loss_hooks":
             gather = handle.state["std_loss"].batch
     elif variant in ("naive", "naive_nchw"):
         terms, _ = naive_std_loss(model)
@@ -79,6 +81,15 @@ def make_step(variant: str, data_x: torch.Tensor, data_y: torch.Tensor, batches:
         loss.backward()
         opt.step()
 
+    if variant == "std_loss_torch":
+        def pure_torch_step() -> None:
+            fused, functional._fused = functional._fused, None
+            try:
+                step()
+            finally:
+                functional._fused = fused
+
+        return pure_torch_step
     return step
 
 
@@ -92,7 +103,7 @@ def main() -> None:
     ds = data.load("mnist", progress=False)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, len(ds.train_y), (128,), generator=g) for _ in range(50)]
-    variants = ["none", "std_loss", "std_loss_hooks", "naive", "naive_nchw", "bn", "bn_shift"]
+    variants = ["none", "std_loss", "std_loss_torch", "std_loss_hooks", "naive", "naive_nchw", "bn", "bn_shift"]
     steps = {v: make_step(v, ds.train_x, ds.train_y, batches) for v in variants}
     for step in steps.values():  # warm up (oneDNN primitive caches, allocator)
         for _ in range(30):
@@ -112,13 +123,15 @@ def main() -> None:
         return f"{q2:.3f} (IQR {q1:.3f}-{q3:.3f})"
 
     print(f"MNIST CNN, batch 128, channels_last, {args.threads} thread(s), torch {torch.__version__}; "
-          f"median of {args.rounds} rounds x {args.steps} steps")
+          f"median of {args.rounds} rounds x {args.steps} steps; the loss's C loops: "
+          f"{'on' if functional._fused is not None else 'off (not compiled, or NORMLAB_PURE_TORCH=1)'}")
     print("| variant | ms/step | vs none |")
     print("| --- | ---: | ---: |")
     for v in variants:
         print(f"| {v} | {med[v]:.2f} | {med[v] / med['none']:.3f} |")
     print("per-round ratios, median over rounds:")
     print(f"  std_loss / none: {ratio('std_loss', 'none')} (goal <= 1.15)")
+    print(f"  std_loss_torch / none: {ratio('std_loss_torch', 'none')} (the same maths as torch operations)")
     print(f"  std_loss_hooks / none: {ratio('std_loss_hooks', 'none')} (without batch(): a plain minibatch)")
     print(f"  naive / none:    {ratio('naive', 'none')}")
     print(f"  std_loss / bn:   {ratio('std_loss', 'bn')} (goal < 1)")

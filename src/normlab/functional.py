@@ -9,9 +9,13 @@ with batch mean ``mu_c`` and biased batch variance ``var_c``,
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import importlib.machinery
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -172,6 +176,69 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
     return PatchMoments(weight, bias, mean, cov, count)
 
 
+def _load_fused() -> ctypes.CDLL | None:
+    # The compiled loops of _fused.c (built by `pip install` where a C compiler is found), or None:
+    # then, or with NORMLAB_PURE_TORCH=1 set, _KL runs the same maths as torch operations.
+    if os.environ.get("NORMLAB_PURE_TORCH", "") not in ("", "0"):
+        return None
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = Path(__file__).with_name("_fused" + suffix)
+        if path.is_file():
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                return None
+            p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+            for name, restype, args in (
+                    ("nl_table_moments", i32, (p, i64, p, i64, i64, p, f64, p, p)),
+                    ("nl_moments_kl", f64, (p, p, i64, f64, f64, p, p, p)),
+                    ("nl_patch_kl", f64, (p, p, p, p, i64, i64, f64, f64, p, p, p, p)),
+                    ("nl_patch_grad", None, (f64, p, p, p, p, i64, i64, p, p)),
+                    ("nl_z_grad", i32, (p, p, i64, i64, i64, p, p, f64))):
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = restype, args
+            return lib
+    return None
+
+
+_fused = _load_fused()
+
+
+def _z_layout(z: Tensor) -> tuple[int, int] | None:
+    # (outer, inner) of a float32 CPU z seen as contiguous (outer, C, inner), or None (another layout).
+    if z.dtype != torch.float32 or z.device.type != "cpu" or z.dim() < 2:
+        return None
+    c = z.shape[1]
+    if z.is_contiguous():
+        return z.shape[0], z.numel() // max(1, z.shape[0] * c)
+    if (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)) or \
+            (z.dim() == 5 and z.is_contiguous(memory_format=torch.channels_last_3d)):
+        return z.numel() // max(1, c), 1
+    return None
+
+
+def _fusable(layout: tuple[int | None, ...], inputs: tuple[Tensor | None, ...]) -> bool:
+    # Whether _fused can run the layers: float32 CPU tensors (z in a layout of _z_layout), float32
+    # contiguous weight and bias, float64 contiguous patch moments.
+    i = 0
+    for count in layout:
+        if count is None:
+            if _z_layout(inputs[i]) is None:
+                return False
+            i += 1
+        else:
+            weight, bias, m, cov = inputs[i:i + 4]
+            if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous() \
+                    or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())) \
+                    or m.dtype != torch.float64 or cov.dtype != torch.float64 or not m.is_contiguous() \
+                    or not cov.is_contiguous() or m.device.type != "cpu" or cov.device.type != "cpu" \
+                    or m.dim() != 1 or cov.shape != (len(m), len(m)) or weight.numel() != weight.shape[0] * len(m) \
+                    or (bias is not None and bias.shape != weight.shape[:1]):
+                return False
+            i += 4
+    return True
+
+
 class _Constants(NamedTuple):
     # seg (L, C): row l sums layer l's channels, weighted 1/C_l for "mean"
     seg_t: Tensor  # seg.T, contiguous: d loss / d kl_c from the per-layer gradient
@@ -224,6 +291,9 @@ class _KL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eps: float, dims: tuple[int, ...] | None, reduction: str, sink: list | None,  # type: ignore[override]
                 layout: tuple[int | None, ...], *inputs: Tensor | None) -> Tensor:
+        if sink is not None and dims is None and _fused is not None and _fusable(layout, inputs):
+            return _KL._fused_forward(ctx, eps, reduction == "mean", sink, layout, inputs)
+        ctx.fused = False
         means, variances, counts, saved, params, i = [], [], [], [], [], 0
         for count in layout:
             if count is None:
@@ -272,6 +342,8 @@ class _KL(torch.autograd.Function):
             raise RuntimeError("the standardization loss has no second derivative: a backward with "
                                "create_graph=True through it (a gradient penalty, a Hessian-vector product) is "
                                "not supported")
+        if ctx.fused:
+            return _KL._fused_backward(ctx, grad)
         mean, veps, *saved = ctx.saved_tensors
         consts, layers, sizes = ctx.consts, ctx.layout, ctx.sizes
         # c = d loss / d kl_c: the incoming gradient itself (0-dim, broadcast) for the total of "sum"
@@ -313,6 +385,77 @@ class _KL(torch.autograd.Function):
                 s += 2
                 w += 1
         return (None, None, None, None, None, *grads)
+
+
+    @staticmethod
+    def _fused_forward(ctx, eps: float, mean: bool, sink: list, layout: tuple[int | None, ...],
+                       inputs: tuple[Tensor | None, ...]) -> Tensor:
+        # forward for a sink, in _fused: one loop per layer (a patch layer's moments and KL; a z
+        # layer's KL from its batch-norm statistics) into one (3, C) float64 buffer of mu, var + eps, raw.
+        sizes = [inputs[i].shape[0 if count else 1] for i, count in zip(_offsets(layout), layout)]
+        n = sum(sizes)
+        buf = torch.empty(3, n, dtype=torch.float64)
+        base, total, off, saved, meta = buf.data_ptr(), 0.0, 0, [], []
+        for i, count, size in zip(_offsets(layout), layout, sizes):
+            cw = 1.0 / size if mean else 1.0
+            at = (base + 8 * off, base + 8 * (n + off), base + 8 * (2 * n + off))
+            if count is None:
+                z = inputs[i]
+                mu, var = torch.batch_norm_update_stats(z, None, None, 0.0)
+                total += _fused.nl_moments_kl(mu.data_ptr(), var.data_ptr(), size, eps, cw, *at)
+                saved.append(z)
+                meta.append((z.numel() // size, *_z_layout(z)))
+            else:
+                weight, bias, m, cov = inputs[i:i + 4]
+                wcov = torch.empty(size, len(m), dtype=torch.float64)
+                total += _fused.nl_patch_kl(weight.data_ptr(), None if bias is None else bias.data_ptr(), m.data_ptr(),
+                                            cov.data_ptr(), size, len(m), eps, cw, *at, wcov.data_ptr())
+                saved += [wcov, m]
+                meta.append((weight.shape, bias is not None))
+            off += size
+        ctx.save_for_backward(buf, *saved)
+        ctx.fused, ctx.layout, ctx.sizes, ctx.meta, ctx.mean = True, layout, sizes, meta, mean
+        sink.append(buf[2])
+        return torch.tensor(total, dtype=torch.float32)
+
+    @staticmethod
+    def _fused_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        buf, *saved = ctx.saved_tensors
+        g, n, base = float(grad), buf.shape[1], buf.data_ptr()
+        grads: list[Tensor | None] = []
+        off, s = 0, 0
+        for i, count, size, meta in zip(_offsets(ctx.layout), ctx.layout, ctx.sizes, ctx.meta):
+            gcw = g / size if ctx.mean else g
+            at = (base + 8 * off, base + 8 * (n + off))
+            if count is None:
+                z, out = saved[s], None
+                if ctx.needs_input_grad[5 + i]:
+                    per, outer, inner = meta
+                    out = torch.empty_like(z)
+                    if _fused.nl_z_grad(z.data_ptr(), out.data_ptr(), outer, size, inner, *at, gcw / per):
+                        raise MemoryError("the standardization loss's backward could not allocate 3 floats per channel")
+                grads.append(out)
+                s += 1
+            else:
+                wcov, m = saved[s], saved[s + 1]
+                shape, has_bias = meta
+                dw = torch.empty(shape, dtype=torch.float32)
+                db = torch.empty(size, dtype=torch.float32) if has_bias else None
+                _fused.nl_patch_grad(gcw, *at, wcov.data_ptr(), m.data_ptr(), size, len(m), dw.data_ptr(),
+                                     None if db is None else db.data_ptr())
+                grads += [dw, db, None, None]
+                s += 2
+            off += size
+        return (None, None, None, None, None, *grads)
+
+
+def _offsets(layout: tuple[int | None, ...]) -> list[int]:
+    # Index in _KL's inputs of each layer's first input (a z takes one, patch moments four).
+    out, i = [], 0
+    for count in layout:
+        out.append(i)
+        i += 1 if count is None else 4
+    return out
 
 
 def _flatten(layers: Sequence[Tensor | PatchMoments]) -> tuple[tuple[int | None, ...], list[Tensor | None]]:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .. import functional as _functional
 from ..functional import PatchMoments, _kl_total, _layer_values, _shifted_patches, patch_moments
 from ._common import CONVS, LAYERS, check_number, resolve_modules
 from .registry import Handle, register, register_norm_type, swap_norms
@@ -300,6 +301,14 @@ class StandardizationLoss:
             return None
         table, center, positions = found
         k = len(center)
+        fused = _functional._fused
+        if fused is not None and table.device.type == "cpu":  # the same sums in one C loop
+            mean, cov = torch.empty(k, dtype=torch.float64), torch.empty(k, k, dtype=torch.float64)
+            index = index if index.is_contiguous() else index.contiguous()
+            if fused.nl_table_moments(table.data_ptr(), len(table), index.data_ptr(), n, k, center.data_ptr(),
+                                       float(positions), mean.data_ptr(), cov.data_ptr()):
+                raise IndexError(f"index has row numbers outside [0, {len(table)})")
+            return PatchMoments(module.weight, module.bias, mean, cov, n * positions)
         dev, scatter = table.index_select(0, index).sum(0).split_with_sizes((k, k * k))
         cov = torch.addr(scatter.view(k, k), dev, dev, beta=1 / (n * positions), alpha=-1 / (n * n))
         return PatchMoments(module.weight, module.bias, torch.add(center, dev, alpha=1 / n), cov, n * positions)
