@@ -286,6 +286,11 @@ class _KL(torch.autograd.Function):
     per-statistic ``raw = 2 * kl + 1`` (no gradient) appended to ``sink``, from which
     :func:`_layer_values` gives the per-layer values when they are asked for (the standardization
     loss's step needs only the total).
+
+    With a ``sink``, on the CPU, with float32 tensors (``z`` contiguous or channels_last) and float64
+    patch moments, the same maths runs in the C loops of ``_fused.c`` (one per layer and pass, in
+    float64 for the per-channel values) when they were compiled at install; otherwise, or with
+    ``NORMLAB_PURE_TORCH=1`` in the environment, as the torch operations below.
     """
 
     @staticmethod
