@@ -217,14 +217,18 @@ def _z_layout(z: Tensor) -> tuple[int, int] | None:
     return None
 
 
-def _fusable(layout: tuple[int | None, ...], inputs: tuple[Tensor | None, ...]) -> bool:
-    # Whether _fused can run the layers: float32 CPU tensors (z in a layout of _z_layout), float32
-    # contiguous weight and bias, float64 contiguous patch moments.
-    i = 0
+def _fusable(layout: tuple[int | None, ...], inputs: tuple[Tensor | None, ...]) -> list | None:
+    # The plan by which _fused runs the layers, per layer (index of its first input in `inputs`, a z's
+    # (outer, inner) from _z_layout or None for patch moments); None where it cannot: it takes
+    # float32 CPU tensors z in a layout of _z_layout, and float32 contiguous weight and bias with
+    # float64 contiguous patch moments of matching shapes.
+    plan, i = [], 0
     for count in layout:
         if count is None:
-            if _z_layout(inputs[i]) is None:
-                return False
+            shape = _z_layout(inputs[i])
+            if shape is None:
+                return None
+            plan.append((i, shape))
             i += 1
         else:
             weight, bias, m, cov = inputs[i:i + 4]
@@ -234,9 +238,10 @@ def _fusable(layout: tuple[int | None, ...], inputs: tuple[Tensor | None, ...]) 
                     or not cov.is_contiguous() or m.device.type != "cpu" or cov.device.type != "cpu" \
                     or m.dim() != 1 or cov.shape != (len(m), len(m)) or weight.numel() != weight.shape[0] * len(m) \
                     or (bias is not None and bias.shape != weight.shape[:1]):
-                return False
+                return None
+            plan.append((i, None))
             i += 4
-    return True
+    return plan
 
 
 class _Constants(NamedTuple):
@@ -296,8 +301,9 @@ class _KL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eps: float, dims: tuple[int, ...] | None, reduction: str, sink: list | None,  # type: ignore[override]
                 layout: tuple[int | None, ...], *inputs: Tensor | None) -> Tensor:
-        if sink is not None and dims is None and _fused is not None and _fusable(layout, inputs):
-            return _KL._fused_forward(ctx, eps, reduction == "mean", sink, layout, inputs)
+        plan = _fusable(layout, inputs) if sink is not None and dims is None and _fused is not None else None
+        if plan is not None:
+            return _KL._fused_forward(ctx, eps, reduction == "mean", sink, plan, inputs)
         ctx.fused = False
         means, variances, counts, saved, params, i = [], [], [], [], [], 0
         for count in layout:
@@ -391,25 +397,24 @@ class _KL(torch.autograd.Function):
                 w += 1
         return (None, None, None, None, None, *grads)
 
-
     @staticmethod
-    def _fused_forward(ctx, eps: float, mean: bool, sink: list, layout: tuple[int | None, ...],
-                       inputs: tuple[Tensor | None, ...]) -> Tensor:
-        # forward for a sink, in _fused: one loop per layer (a patch layer's moments and KL; a z
-        # layer's KL from its batch-norm statistics) into one (3, C) float64 buffer of mu, var + eps, raw.
-        sizes = [inputs[i].shape[0 if count else 1] for i, count in zip(_offsets(layout), layout)]
+    def _fused_forward(ctx, eps: float, mean: bool, sink: list, plan: list, inputs: tuple[Tensor | None, ...]) -> Tensor:
+        # forward for a sink, in _fused (plan: see _fusable): one loop per layer (a patch layer's
+        # moments and KL; a z layer's KL from its batch-norm statistics) into one (3, C) float64
+        # buffer of mu, var + eps, raw.
+        sizes = [inputs[i].shape[0 if shape is None else 1] for i, shape in plan]
         n = sum(sizes)
         buf = torch.empty(3, n, dtype=torch.float64)
         base, total, off, saved, meta = buf.data_ptr(), 0.0, 0, [], []
-        for i, count, size in zip(_offsets(layout), layout, sizes):
+        for (i, shape), size in zip(plan, sizes):
             cw = 1.0 / size if mean else 1.0
             at = (base + 8 * off, base + 8 * (n + off), base + 8 * (2 * n + off))
-            if count is None:
+            if shape is not None:
                 z = inputs[i]
                 mu, var = torch.batch_norm_update_stats(z, None, None, 0.0)
                 total += _fused.nl_moments_kl(mu.data_ptr(), var.data_ptr(), size, eps, cw, *at)
                 saved.append(z)
-                meta.append((z.numel() // size, *_z_layout(z)))
+                meta.append((i, z.numel() // size, *shape))
             else:
                 weight, bias, m, cov = inputs[i:i + 4]
                 wcov = torch.empty(size, len(m), dtype=torch.float64)
@@ -419,23 +424,25 @@ class _KL(torch.autograd.Function):
                 meta.append((weight.shape, bias is not None))
             off += size
         ctx.save_for_backward(buf, *saved)
-        ctx.fused, ctx.layout, ctx.sizes, ctx.meta, ctx.mean = True, layout, sizes, meta, mean
+        ctx.fused, ctx.sizes, ctx.meta, ctx.mean = True, sizes, meta, mean
         sink.append(buf[2])
         return torch.tensor(total, dtype=torch.float32)
 
     @staticmethod
     def _fused_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        # meta per layer: (input index, elements per channel, outer, inner) for a z; (weight shape,
+        # has bias) for patch moments.
         buf, *saved = ctx.saved_tensors
         g, n, base = float(grad), buf.shape[1], buf.data_ptr()
         grads: list[Tensor | None] = []
         off, s = 0, 0
-        for i, count, size, meta in zip(_offsets(ctx.layout), ctx.layout, ctx.sizes, ctx.meta):
+        for size, meta in zip(ctx.sizes, ctx.meta):
             gcw = g / size if ctx.mean else g
             at = (base + 8 * off, base + 8 * (n + off))
-            if count is None:
+            if len(meta) == 4:
                 z, out = saved[s], None
+                i, per, outer, inner = meta
                 if ctx.needs_input_grad[5 + i]:
-                    per, outer, inner = meta
                     out = torch.empty_like(z)
                     if _fused.nl_z_grad(z.data_ptr(), out.data_ptr(), outer, size, inner, *at, gcw / per):
                         raise MemoryError("the standardization loss's backward could not allocate 3 floats per channel")
@@ -452,15 +459,6 @@ class _KL(torch.autograd.Function):
                 s += 2
             off += size
         return (None, None, None, None, None, *grads)
-
-
-def _offsets(layout: tuple[int | None, ...]) -> list[int]:
-    # Index in _KL's inputs of each layer's first input (a z takes one, patch moments four).
-    out, i = [], 0
-    for count in layout:
-        out.append(i)
-        i += 1 if count is None else 4
-    return out
 
 
 def _flatten(layers: Sequence[Tensor | PatchMoments]) -> tuple[tuple[int | None, ...], list[Tensor | None]]:
