@@ -58,12 +58,87 @@ static double kl_terms(int64_t C, double eps, double cw, double *mean, double *v
     return cw * total;
 }
 
-/* A layer given by its batch moments (float32, from torch.batch_norm_update_stats). */
-double nl_moments_kl(const float *mu, const float *var, int64_t C, double eps, double cw,
-                     double *mean, double *veps, double *raw) {
-    for (int64_t c = 0; c < C; c++) {
-        mean[c] = mu[c];
-        veps[c] = var[c];
+/* A layer z, float32 laid out as (outer, C, inner) (inner = 1: channels last, or (N, C)): its
+ * biased moments over the n = outer * inner values of each channel, then its KL terms. The sums run
+ * over z - s_c, shifted by the channel's first value s_c (no cancellation for a channel whose mean
+ * is far from 0 against its spread), in float32 over blocks of at most 64 rows (or 512 values) and
+ * in float64 across blocks: mean_c = s_c + S1 / n, var_c = S2 / n - (S1 / n)^2. */
+#define NL_BLOCK 64
+double nl_z_kl(const float *z, int64_t outer, int64_t C, int64_t inner, double eps, double cw,
+               double *mean, double *veps, double *raw) {
+    const double n = (double)(outer * inner);
+    double *s1 = mean, *s2 = veps; /* the sums, in place of the moments until the end */
+    for (int64_t c = 0; c < C; c++) s1[c] = s2[c] = 0.0;
+    if (inner == 1) {
+        /* rows of C values: 8 channels at a time, so that their sums stay in registers */
+        for (int64_t c0 = 0; c0 < C; c0 += 8) {
+            const int64_t w = C - c0 < 8 ? C - c0 : 8;
+            float sh[8] = {0}, f1[8], f2[8];
+            for (int64_t l = 0; l < w; l++) sh[l] = z[c0 + l];
+            for (int64_t r0 = 0; r0 < outer; r0 += NL_BLOCK) {
+                const int64_t r1 = r0 + NL_BLOCK < outer ? r0 + NL_BLOCK : outer;
+                for (int l = 0; l < 8; l++) f1[l] = f2[l] = 0.0f;
+                if (w == 8) {
+                    for (int64_t r = r0; r < r1; r++) {
+                        const float *row = z + r * C + c0;
+                        for (int l = 0; l < 8; l++) {
+                            const float d = row[l] - sh[l];
+                            f1[l] += d;
+                            f2[l] += d * d;
+                        }
+                    }
+                } else {
+                    for (int64_t r = r0; r < r1; r++) {
+                        const float *row = z + r * C + c0;
+                        for (int64_t l = 0; l < w; l++) {
+                            const float d = row[l] - sh[l];
+                            f1[l] += d;
+                            f2[l] += d * d;
+                        }
+                    }
+                }
+                for (int64_t l = 0; l < w; l++) {
+                    s1[c0 + l] += f1[l];
+                    s2[c0 + l] += f2[l];
+                }
+            }
+            for (int64_t l = 0; l < w; l++) {
+                const double d = s1[c0 + l] / n, v = s2[c0 + l] / n - d * d;
+                mean[c0 + l] = sh[l] + d;
+                veps[c0 + l] = v > 0.0 ? v : 0.0;
+            }
+        }
+    } else {
+        /* runs of inner values per (row, channel): 8 lanes per run */
+        for (int64_t c = 0; c < C; c++) {
+            const float sh = z[c * inner];
+            for (int64_t o = 0; o < outer; o++) {
+                const float *run = z + (o * C + c) * inner;
+                for (int64_t i0 = 0; i0 < inner; i0 += 8 * NL_BLOCK) {
+                    const int64_t i1 = i0 + 8 * NL_BLOCK < inner ? i0 + 8 * NL_BLOCK : inner;
+                    float f1[8] = {0}, f2[8] = {0};
+                    int64_t i = i0;
+                    for (; i + 8 <= i1; i += 8)
+                        for (int l = 0; l < 8; l++) {
+                            const float d = run[i + l] - sh;
+                            f1[l] += d;
+                            f2[l] += d * d;
+                        }
+                    for (; i < i1; i++) {
+                        const float d = run[i] - sh;
+                        f1[0] += d;
+                        f2[0] += d * d;
+                    }
+                    for (int l = 0; l < 8; l++) {
+                        s1[c] += f1[l];
+                        s2[c] += f2[l];
+                    }
+                }
+            }
+            const double d = s1[c] / n, v = s2[c] / n - d * d;
+            mean[c] = sh + d;
+            veps[c] = v > 0.0 ? v : 0.0;
+        }
     }
     return kl_terms(C, eps, cw, mean, veps, raw);
 }
@@ -102,15 +177,17 @@ void nl_patch_grad(double gcw, const double *mean, const double *veps, const dou
 
 /* Gradient with respect to z, float32 laid out as (outer, C, inner), of g * cw * sum_c kl_c:
  * d/dz = s (mu_c + (1 - r_c) (z - mu_c)) with s = g cw / (elements per channel), centred so that a
- * nearly constant channel far from 0 (r_c large) loses no precision. Returns 0, or -1 (nothing
- * written) if there is no memory for 3 C floats. */
+ * nearly constant channel far from 0 (r_c large) loses no precision: z - mu_c is taken as
+ * (z - hi_c) - lo_c with mu_c = hi_c + lo_c split into two floats (the first difference is exact
+ * near mu_c). Returns 0, or -1 (nothing written) if there is no memory for 4 C floats. */
 int nl_z_grad(const float *z, float *out, int64_t outer, int64_t C, int64_t inner, const double *mean,
               const double *veps, double s) {
-    float *coef = malloc(3 * (size_t)C * sizeof(float));
+    float *coef = malloc(4 * (size_t)C * sizeof(float));
     if (!coef) return -1;
-    float *mu = coef, *a = coef + C, *b = coef + 2 * C;
+    float *hi = coef, *lo = coef + C, *a = coef + 2 * C, *b = coef + 3 * C;
     for (int64_t c = 0; c < C; c++) {
-        mu[c] = (float)mean[c];
+        hi[c] = (float)mean[c];
+        lo[c] = (float)(mean[c] - (double)hi[c]);
         a[c] = (float)(s * (1.0 - 1.0 / veps[c]));
         b[c] = (float)(s * mean[c]);
     }
@@ -118,13 +195,13 @@ int nl_z_grad(const float *z, float *out, int64_t outer, int64_t C, int64_t inne
         if (inner == 1) {  /* channels last, or (N, C): one row of C values */
             const float *zo = z + o * C;
             float *oo = out + o * C;
-            for (int64_t c = 0; c < C; c++) oo[c] = b[c] + a[c] * (zo[c] - mu[c]);
+            for (int64_t c = 0; c < C; c++) oo[c] = b[c] + a[c] * ((zo[c] - hi[c]) - lo[c]);
             continue;
         }
         for (int64_t c = 0; c < C; c++) {
             const float *zo = z + (o * C + c) * inner;
             float *oo = out + (o * C + c) * inner;
-            for (int64_t i = 0; i < inner; i++) oo[i] = b[c] + a[c] * (zo[i] - mu[c]);
+            for (int64_t i = 0; i < inner; i++) oo[i] = b[c] + a[c] * ((zo[i] - hi[c]) - lo[c]);
         }
     }
     free(coef);

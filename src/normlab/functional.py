@@ -191,7 +191,7 @@ def _load_fused() -> ctypes.CDLL | None:
             p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
             for name, restype, args in (
                     ("nl_table_moments", i32, (p, i64, p, i64, i64, p, f64, p, p)),
-                    ("nl_moments_kl", f64, (p, p, i64, f64, f64, p, p, p)),
+                    ("nl_z_kl", f64, (p, i64, i64, i64, f64, f64, p, p, p)),
                     ("nl_patch_kl", f64, (p, p, p, p, i64, i64, f64, f64, p, p, p, p)),
                     ("nl_patch_grad", None, (f64, p, p, p, p, i64, i64, p, p)),
                     ("nl_z_grad", i32, (p, p, i64, i64, i64, p, p, f64))):
@@ -217,18 +217,21 @@ def _z_layout(z: Tensor) -> tuple[int, int] | None:
     return None
 
 
-def _fusable(layout: tuple[int | None, ...], inputs: tuple[Tensor | None, ...]) -> list | None:
-    # The plan by which _fused runs the layers, per layer (index of its first input in `inputs`, a z's
-    # (outer, inner) from _z_layout or None for patch moments); None where it cannot: it takes
-    # float32 CPU tensors z in a layout of _z_layout, and float32 contiguous weight and bias with
-    # float64 contiguous patch moments of matching shapes.
-    plan, i = [], 0
+def _fusable(layout: tuple[int | None, ...], inputs: tuple[Tensor | None, ...]) -> tuple | None:
+    # How _FusedKL runs these layers, or None where it cannot: it takes float32 CPU tensors z in a
+    # layout of _z_layout, and float32 contiguous weight and bias with float64 contiguous patch moments
+    # of matching shapes. The plan is (C, W, steps): C channels in all, W float64s of the patch layers'
+    # w cov, and per layer (index of its first input, channels, offset of its channels among the C) and
+    # then (outer, inner) of a z, or (K, offset of its w cov, weight shape, has a bias) for patch moments.
+    steps, i, channels, width = [], 0, 0, 0
     for count in layout:
         if count is None:
-            shape = _z_layout(inputs[i])
+            z = inputs[i]
+            shape = _z_layout(z)
             if shape is None:
                 return None
-            plan.append((i, shape))
+            steps.append((i, z.shape[1], channels, *shape))
+            channels += z.shape[1]
             i += 1
         else:
             weight, bias, m, cov = inputs[i:i + 4]
@@ -239,9 +242,12 @@ def _fusable(layout: tuple[int | None, ...], inputs: tuple[Tensor | None, ...]) 
                     or m.dim() != 1 or cov.shape != (len(m), len(m)) or weight.numel() != weight.shape[0] * len(m) \
                     or (bias is not None and bias.shape != weight.shape[:1]):
                 return None
-            plan.append((i, None))
+            size = weight.shape[0]
+            steps.append((i, size, channels, len(m), width, weight.shape, bias is not None))
+            channels += size
+            width += size * len(m)
             i += 4
-    return plan
+    return channels, width, steps
 
 
 class _Constants(NamedTuple):
@@ -292,19 +298,13 @@ class _KL(torch.autograd.Function):
     :func:`_layer_values` gives the per-layer values when they are asked for (the standardization
     loss's step needs only the total).
 
-    With a ``sink``, on the CPU, with float32 tensors (``z`` contiguous or channels_last) and float64
-    patch moments, the same maths runs in the C loops of ``_fused.c`` (one per layer and pass, in
-    float64 for the per-channel values) when they were compiled at install; otherwise, or with
-    ``NORMLAB_PURE_TORCH=1`` in the environment, as the torch operations below.
+    :class:`_FusedKL` is the same maths with a ``sink`` in C loops, which the standardization loss
+    runs where it can.
     """
 
     @staticmethod
     def forward(ctx, eps: float, dims: tuple[int, ...] | None, reduction: str, sink: list | None,  # type: ignore[override]
                 layout: tuple[int | None, ...], *inputs: Tensor | None) -> Tensor:
-        plan = _fusable(layout, inputs) if sink is not None and dims is None and _fused is not None else None
-        if plan is not None:
-            return _KL._fused_forward(ctx, eps, reduction == "mean", sink, plan, inputs)
-        ctx.fused = False
         means, variances, counts, saved, params, i = [], [], [], [], [], 0
         for count in layout:
             if count is None:
@@ -353,8 +353,6 @@ class _KL(torch.autograd.Function):
             raise RuntimeError("the standardization loss has no second derivative: a backward with "
                                "create_graph=True through it (a gradient penalty, a Hessian-vector product) is "
                                "not supported")
-        if ctx.fused:
-            return _KL._fused_backward(ctx, grad)
         mean, veps, *saved = ctx.saved_tensors
         consts, layers, sizes = ctx.consts, ctx.layout, ctx.sizes
         # c = d loss / d kl_c: the incoming gradient itself (0-dim, broadcast) for the total of "sum"
@@ -397,68 +395,69 @@ class _KL(torch.autograd.Function):
                 w += 1
         return (None, None, None, None, None, *grads)
 
+
+class _FusedKL(torch.autograd.Function):
+    """:class:`_KL`'s total with a ``sink`` (the standardization loss's step) in the C loops of
+    ``_fused.c``: one loop per layer and pass (a patch layer's moments and KL, a z's moments and KL;
+    the gradients), the per-channel values in float64. It runs on the CPU for float32 ``z``
+    (contiguous or channels_last) and float64 patch moments (see :func:`_fusable`), where the loops
+    were compiled at install and ``NORMLAB_PURE_TORCH=1`` is not set; elsewhere ``_KL`` runs the
+    same maths as torch operations. The gradients are those of ``_KL``, with ``z - mu_c`` taken
+    against the float64 mean.
+    """
+
     @staticmethod
-    def _fused_forward(ctx, eps: float, mean: bool, sink: list, plan: list, inputs: tuple[Tensor | None, ...]) -> Tensor:
-        # forward for a sink, in _fused (plan: see _fusable): one loop per layer (a patch layer's
-        # moments and KL; a z layer's KL from its batch-norm statistics) into one (3, C) float64
-        # buffer of mu, var + eps, raw.
-        sizes = [inputs[i].shape[0 if shape is None else 1] for i, shape in plan]
-        n = sum(sizes)
-        buf = torch.empty(3, n, dtype=torch.float64)
-        base, total, off, saved, meta = buf.data_ptr(), 0.0, 0, [], []
-        for (i, shape), size in zip(plan, sizes):
+    def forward(ctx, eps: float, mean: bool, sink: list, plan: tuple, *inputs: Tensor | None) -> Tensor:  # type: ignore[override]
+        # one float64 buffer: mu, var + eps and raw of the C channels, then each patch layer's w cov
+        channels, width, steps = plan
+        buf = torch.empty(3 * channels + width, dtype=torch.float64)
+        base, total, saved = buf.data_ptr(), 0.0, []
+        for i, size, off, *shape in steps:
+            at = (base + 8 * off, base + 8 * (channels + off), base + 8 * (2 * channels + off))
             cw = 1.0 / size if mean else 1.0
-            at = (base + 8 * off, base + 8 * (n + off), base + 8 * (2 * n + off))
-            if shape is not None:
+            if len(shape) == 2:
                 z = inputs[i]
-                mu, var = torch.batch_norm_update_stats(z, None, None, 0.0)
-                total += _fused.nl_moments_kl(mu.data_ptr(), var.data_ptr(), size, eps, cw, *at)
+                total += _fused.nl_z_kl(z.data_ptr(), shape[0], size, shape[1], eps, cw, *at)
                 saved.append(z)
-                meta.append((i, z.numel() // size, *shape))
             else:
                 weight, bias, m, cov = inputs[i:i + 4]
-                wcov = torch.empty(size, len(m), dtype=torch.float64)
                 total += _fused.nl_patch_kl(weight.data_ptr(), None if bias is None else bias.data_ptr(), m.data_ptr(),
-                                            cov.data_ptr(), size, len(m), eps, cw, *at, wcov.data_ptr())
-                saved += [wcov, m]
-                meta.append((weight.shape, bias is not None))
-            off += size
+                                            cov.data_ptr(), size, shape[0], eps, cw, *at,
+                                            base + 8 * (3 * channels + shape[1]))
+                saved.append(m)
         ctx.save_for_backward(buf, *saved)
-        ctx.fused, ctx.sizes, ctx.meta, ctx.mean = True, sizes, meta, mean
-        sink.append(buf[2])
+        ctx.plan, ctx.mean = plan, mean
+        sink.append(buf[2 * channels:3 * channels])
         return torch.tensor(total, dtype=torch.float32)
 
     @staticmethod
-    def _fused_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        # meta per layer: (input index, elements per channel, outer, inner) for a z; (weight shape,
-        # has bias) for patch moments.
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError("the standardization loss has no second derivative: a backward with "
+                               "create_graph=True through it (a gradient penalty, a Hessian-vector product) is "
+                               "not supported")
         buf, *saved = ctx.saved_tensors
-        g, n, base = float(grad), buf.shape[1], buf.data_ptr()
-        grads: list[Tensor | None] = []
-        off, s = 0, 0
-        for size, meta in zip(ctx.sizes, ctx.meta):
+        channels, _, steps = ctx.plan
+        g, base, grads = float(grad), buf.data_ptr(), []
+        for (i, size, off, *shape), t in zip(steps, saved):
             gcw = g / size if ctx.mean else g
-            at = (base + 8 * off, base + 8 * (n + off))
-            if len(meta) == 4:
-                z, out = saved[s], None
-                i, per, outer, inner = meta
-                if ctx.needs_input_grad[5 + i]:
-                    out = torch.empty_like(z)
-                    if _fused.nl_z_grad(z.data_ptr(), out.data_ptr(), outer, size, inner, *at, gcw / per):
-                        raise MemoryError("the standardization loss's backward could not allocate 3 floats per channel")
+            at = (base + 8 * off, base + 8 * (channels + off))
+            if len(shape) == 2:
+                out = None
+                if ctx.needs_input_grad[4 + i]:
+                    out = torch.empty_like(t)
+                    if _fused.nl_z_grad(t.data_ptr(), out.data_ptr(), shape[0], size, shape[1], *at,
+                                        gcw / (shape[0] * shape[1])):
+                        raise MemoryError("the standardization loss's backward could not allocate 4 floats per channel")
                 grads.append(out)
-                s += 1
             else:
-                wcov, m = saved[s], saved[s + 1]
-                shape, has_bias = meta
-                dw = torch.empty(shape, dtype=torch.float32)
+                k, woff, wshape, has_bias = shape
+                dw = torch.empty(wshape, dtype=torch.float32)
                 db = torch.empty(size, dtype=torch.float32) if has_bias else None
-                _fused.nl_patch_grad(gcw, *at, wcov.data_ptr(), m.data_ptr(), size, len(m), dw.data_ptr(),
+                _fused.nl_patch_grad(gcw, *at, base + 8 * (3 * channels + woff), t.data_ptr(), size, k, dw.data_ptr(),
                                      None if db is None else db.data_ptr())
                 grads += [dw, db, None, None]
-                s += 2
-            off += size
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def _flatten(layers: Sequence[Tensor | PatchMoments]) -> tuple[tuple[int | None, ...], list[Tensor | None]]:
@@ -499,6 +498,9 @@ def _kl_total(layers: Sequence[Tensor | PatchMoments], eps: float, reduction: st
     # raw = 2 * kl + 1 (no gradient) for _layer_values; eps and reduction already checked.
     layout, inputs = _flatten(layers)
     sink: list[Tensor] = []
+    plan = _fusable(layout, inputs) if _fused is not None else None
+    if plan is not None:
+        return _FusedKL.apply(eps, reduction == "mean", sink, plan, *inputs), sink[0]
     return _KL.apply(eps, None, reduction, sink, layout, *inputs), sink[0]
 
 
