@@ -56,7 +56,7 @@ def test_loss_terms_and_gradients_equal_the_torch_path_in_float64(reduction, mon
     # 1e-8 at a mean of 40, where torch's float32 batch-norm statistics are off by a few percent) to
     # float32 accuracy.
     layers, leaves = _layers(0)
-    assert functional._fusable(*functional._flatten(layers))
+    assert functional._fusable(layers)
     leaves64 = [leaf.detach().double().requires_grad_() for leaf in leaves]
     by_leaf = {id(a): b for a, b in zip(leaves, leaves64)}
     layers64 = [layer._replace(weight=by_leaf[id(layer.weight)], bias=by_leaf.get(id(layer.bias)))
@@ -127,9 +127,9 @@ def test_other_layouts_and_dtypes_take_the_torch_path():
         assert torch.isfinite(other.grad).all()
     x = torch.randn(4, 1, 6, 6)
     pm = patch_moments(x, torch.randn(3, 1, 2, 2).double())  # float64 weight: torch path
-    assert not functional._fusable((pm.count,), tuple(pm[:4]))
+    assert not functional._fusable([pm])
     bad = pm._replace(weight=torch.randn(3, 1, 3, 3), cov=pm.cov)  # K of the weight != K of the moments
-    assert not functional._fusable((bad.count,), tuple(bad[:4]))
+    assert not functional._fusable([bad])
 
 
 @needs_fused

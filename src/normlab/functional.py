@@ -206,7 +206,7 @@ _fused = _load_fused()
 
 def _z_layout(z: Tensor) -> tuple[int, int] | None:
     # (outer, inner) of a float32 CPU z seen as contiguous (outer, C, inner), or None (another layout).
-    if z.dtype != torch.float32 or z.device.type != "cpu" or z.dim() < 2:
+    if z.dtype != torch.float32 or not z.is_cpu or z.dim() < 2:
         return None
     c = z.shape[1]
     if z.is_contiguous():
@@ -217,37 +217,40 @@ def _z_layout(z: Tensor) -> tuple[int, int] | None:
     return None
 
 
-def _fusable(layout: tuple[int | None, ...], inputs: tuple[Tensor | None, ...]) -> tuple | None:
-    # How _FusedKL runs these layers, or None where it cannot: it takes float32 CPU tensors z in a
-    # layout of _z_layout, and float32 contiguous weight and bias with float64 contiguous patch moments
-    # of matching shapes. The plan is (C, W, steps): C channels in all, W float64s of the patch layers'
-    # w cov, and per layer (index of its first input, channels, offset of its channels among the C) and
-    # then (outer, inner) of a z, or (K, offset of its w cov, weight shape, has a bias) for patch moments.
-    steps, i, channels, width = [], 0, 0, 0
-    for count in layout:
-        if count is None:
-            z = inputs[i]
-            shape = _z_layout(z)
-            if shape is None:
-                return None
-            steps.append((i, z.shape[1], channels, *shape))
-            channels += z.shape[1]
-            i += 1
-        else:
-            weight, bias, m, cov = inputs[i:i + 4]
-            if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous() \
+def _fusable(layers: Sequence[Tensor | PatchMoments]) -> tuple[tuple, list[Tensor | None]] | None:
+    # How _FusedKL runs these layers, (plan, inputs), or None where it cannot: it takes float32 CPU
+    # tensors z in a layout of _z_layout, and float32 contiguous weight and bias with float64 contiguous
+    # CPU patch moments of matching shapes. inputs: each z, each patch layer's weight and bias (the
+    # tensors that get a gradient); plan: (C, W, steps) with C channels in all, W float64s of the patch
+    # layers' w cov, and per layer (index of its first input, channels, offset of its channels among
+    # the C) and then (outer, inner) of a z, or (K, offset of its w cov, weight shape, has a bias, m,
+    # cov) of patch moments.
+    steps: list[tuple] = []
+    inputs: list[Tensor | None] = []
+    channels, width = 0, 0
+    for layer in layers:
+        if isinstance(layer, PatchMoments):
+            weight, bias, m, cov, _ = layer
+            if weight.dtype != torch.float32 or not weight.is_cpu or not weight.is_contiguous() \
                     or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())) \
                     or m.dtype != torch.float64 or cov.dtype != torch.float64 or not m.is_contiguous() \
-                    or not cov.is_contiguous() or m.device.type != "cpu" or cov.device.type != "cpu" \
-                    or m.dim() != 1 or cov.shape != (len(m), len(m)) or weight.numel() != weight.shape[0] * len(m) \
-                    or (bias is not None and bias.shape != weight.shape[:1]):
+                    or not cov.is_contiguous() or not m.is_cpu or not cov.is_cpu or m.dim() != 1:
                 return None
-            size = weight.shape[0]
-            steps.append((i, size, channels, len(m), width, weight.shape, bias is not None))
-            channels += size
-            width += size * len(m)
-            i += 4
-    return channels, width, steps
+            size, k = weight.shape[0], m.shape[0]
+            if cov.shape != (k, k) or weight.numel() != size * k or (bias is not None and bias.shape != (size,)):
+                return None
+            steps.append((len(inputs), size, channels, k, width, weight.shape, bias is not None, m, cov))
+            inputs += [weight, bias]
+            width += size * k
+        else:
+            shape = _z_layout(layer) if isinstance(layer, Tensor) else None
+            if shape is None:
+                return None
+            size = layer.shape[1]
+            steps.append((len(inputs), size, channels, *shape))
+            inputs.append(layer)
+        channels += size
+    return (channels, width, steps), inputs
 
 
 class _Constants(NamedTuple):
@@ -420,11 +423,10 @@ class _FusedKL(torch.autograd.Function):
                 total += _fused.nl_z_kl(z.data_ptr(), shape[0], size, shape[1], eps, cw, *at)
                 saved.append(z)
             else:
-                weight, bias, m, cov = inputs[i:i + 4]
+                k, woff, _, _, m, cov = shape
+                weight, bias = inputs[i:i + 2]
                 total += _fused.nl_patch_kl(weight.data_ptr(), None if bias is None else bias.data_ptr(), m.data_ptr(),
-                                            cov.data_ptr(), size, shape[0], eps, cw, *at,
-                                            base + 8 * (3 * channels + shape[1]))
-                saved.append(m)
+                                            cov.data_ptr(), size, k, eps, cw, *at, base + 8 * (3 * channels + woff))
         ctx.save_for_backward(buf, *saved)
         ctx.plan, ctx.mean = plan, mean
         sink.append(buf[2 * channels:3 * channels])
@@ -436,27 +438,27 @@ class _FusedKL(torch.autograd.Function):
             raise RuntimeError("the standardization loss has no second derivative: a backward with "
                                "create_graph=True through it (a gradient penalty, a Hessian-vector product) is "
                                "not supported")
-        buf, *saved = ctx.saved_tensors
+        buf, *zs = ctx.saved_tensors
         channels, _, steps = ctx.plan
-        g, base, grads = float(grad), buf.data_ptr(), []
-        for (i, size, off, *shape), t in zip(steps, saved):
+        g, base, grads, zs = float(grad), buf.data_ptr(), [], iter(zs)
+        for i, size, off, *shape in steps:
             gcw = g / size if ctx.mean else g
             at = (base + 8 * off, base + 8 * (channels + off))
             if len(shape) == 2:
-                out = None
+                z, out = next(zs), None
                 if ctx.needs_input_grad[4 + i]:
-                    out = torch.empty_like(t)
-                    if _fused.nl_z_grad(t.data_ptr(), out.data_ptr(), shape[0], size, shape[1], *at,
+                    out = torch.empty_like(z)
+                    if _fused.nl_z_grad(z.data_ptr(), out.data_ptr(), shape[0], size, shape[1], *at,
                                         gcw / (shape[0] * shape[1])):
                         raise MemoryError("the standardization loss's backward could not allocate 4 floats per channel")
                 grads.append(out)
             else:
-                k, woff, wshape, has_bias = shape
+                k, woff, wshape, has_bias, m, _ = shape
                 dw = torch.empty(wshape, dtype=torch.float32)
                 db = torch.empty(size, dtype=torch.float32) if has_bias else None
-                _fused.nl_patch_grad(gcw, *at, base + 8 * (3 * channels + woff), t.data_ptr(), size, k, dw.data_ptr(),
+                _fused.nl_patch_grad(gcw, *at, base + 8 * (3 * channels + woff), m.data_ptr(), size, k, dw.data_ptr(),
                                      None if db is None else db.data_ptr())
-                grads += [dw, db, None, None]
+                grads += [dw, db]
         return (None, None, None, None, *grads)
 
 
@@ -496,11 +498,11 @@ def layer_kls(zs: Sequence[Tensor | PatchMoments], eps: float = 1e-5, reduction:
 def _kl_total(layers: Sequence[Tensor | PatchMoments], eps: float, reduction: str) -> tuple[Tensor, Tensor]:
     # layer_kls(layers, eps, reduction).sum() without the per-layer vector, and the per-statistic
     # raw = 2 * kl + 1 (no gradient) for _layer_values; eps and reduction already checked.
-    layout, inputs = _flatten(layers)
     sink: list[Tensor] = []
-    plan = _fusable(layout, inputs) if _fused is not None else None
-    if plan is not None:
-        return _FusedKL.apply(eps, reduction == "mean", sink, plan, *inputs), sink[0]
+    fused = _fusable(layers) if _fused is not None else None
+    if fused is not None:
+        return _FusedKL.apply(eps, reduction == "mean", sink, fused[0], *fused[1]), sink[0]
+    layout, inputs = _flatten(layers)
     return _KL.apply(eps, None, reduction, sink, layout, *inputs), sink[0]
 
 

@@ -53,12 +53,13 @@ def _patch_conv(module: nn.Module, patch: bool | None) -> bool:
     return patch is True or module.in_channels * math.prod(module.kernel_size) <= 2 * module.out_channels
 
 
-def _takes_patches(module: nn.Module, x: object) -> bool:
-    # Whether a patch conv's moments can come from its input x: x is data (needs no gradient), a
-    # batch of at least one, and the conv runs in x's own float32/64 precision (not under autocast).
-    return isinstance(x, Tensor) and not x.requires_grad and x.dtype == module.weight.dtype \
-        and x.dim() == module.weight.dim() and x.dtype in (torch.float32, torch.float64) \
-        and len(x) > 0 and not torch.is_autocast_enabled(x.device.type)
+def _takes_patches(weight: Tensor, x: object) -> bool:
+    # Whether the moments of a patch conv with this weight can come from its input x: x is data (needs
+    # no gradient), a batch of at least one, and the conv runs in x's own float32/64 precision (not
+    # under autocast).
+    return isinstance(x, Tensor) and not x.requires_grad and x.dtype == weight.dtype \
+        and x.dtype in (torch.float32, torch.float64) and x.dim() == weight.dim() and x.shape[0] > 0 \
+        and not torch.is_autocast_enabled(x.device.type)
 
 
 # torch's global module hooks (nn.modules.module.register_module_forward_*_hook), which run on every
@@ -67,11 +68,11 @@ _global_hooks = tuple(getattr(torch.nn.modules.module, n, {}) for n in (
     "_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_always_called"))
 
 
-def _geometry(module: nn.Module) -> tuple[tuple[int, ...], ...]:
-    # (kernel, stride, padding, dilation) of a conv, with padding="valid" as zeros.
-    d = module.weight.dim() - 2
-    padding = (0,) * d if isinstance(module.padding, str) else tuple(module.padding)
-    return tuple(module.weight.shape[2:]), tuple(module.stride), padding, tuple(module.dilation)
+def _geometry(module: nn.Module, weight: Tensor) -> tuple[tuple[int, ...], ...]:
+    # (kernel, stride, padding, dilation) of a conv with this weight, with padding="valid" as zeros.
+    kernel = tuple(weight.shape[2:])
+    padding = (0,) * len(kernel) if isinstance(module.padding, str) else tuple(module.padding)
+    return kernel, tuple(module.stride), padding, tuple(module.dilation)
 
 
 _TABLE_BYTES = 256 << 20  # the largest per-example table kept (the MNIST CNN's: 60000 x 90 doubles, 43 MB)
@@ -269,15 +270,17 @@ class StandardizationLoss:
         return out
 
     def _take(self, module: nn.Module, args: tuple) -> None:
-        if module.training and args and id(module) in self._ids and _recording() \
-                and _takes_patches(module, args[0]) and self._alone(module):
-            geometry = _geometry(module)
-            moments = self._from_table(module, args[0], geometry)
-            if moments is None:
-                moments = patch_moments(args[0], module.weight, module.bias, *geometry[1:])
-            self._early[id(module)] = moments
+        if module.training and args and id(module) in self._ids and _recording() and self._alone(module):
+            weight, x = module.weight, args[0]
+            if _takes_patches(weight, x):
+                geometry, bias = _geometry(module, weight), module.bias
+                moments = self._from_table(weight, bias, x, geometry)
+                if moments is None:
+                    moments = patch_moments(x, weight, bias, *geometry[1:])
+                self._early[id(module)] = moments
 
-    def _from_table(self, module: nn.Module, x: Tensor, geometry: tuple[tuple[int, ...], ...]) -> PatchMoments | None:
+    def _from_table(self, weight: Tensor, bias: Tensor | None, x: Tensor,
+                    geometry: tuple[tuple[int, ...], ...]) -> PatchMoments | None:
         # The batch's patch moments from the per-example table, when x is batch()'s result, unchanged
         # (and the data and index it came from too): with the sums over the batch B of the table's rows,
         # D = sum_i (mean_i - c) and Q = sum_i Q_i: m = c + D / |B| and S = Q / (|B| P) - D D^T / |B|^2
@@ -296,27 +299,27 @@ class StandardizationLoss:
         else:
             self._builds = max(self._builds, _MAX_BUILDS + 1)  # refused: batch() warns, once
             return None
-        n = len(index)
+        n = index.shape[0]
         if found is None or n * found[2] < 2:
             return None
         table, center, positions = found
-        k = len(center)
+        k = center.shape[0]
         fused = _functional._fused
-        if fused is not None and table.device.type == "cpu":  # the same sums in one C loop
+        if fused is not None and table.is_cpu:  # the same sums in one C loop
             mean, cov = torch.empty(k, dtype=torch.float64), torch.empty(k, k, dtype=torch.float64)
             index = index if index.is_contiguous() else index.contiguous()
-            if fused.nl_table_moments(table.data_ptr(), len(table), index.data_ptr(), n, k, center.data_ptr(),
+            if fused.nl_table_moments(table.data_ptr(), table.shape[0], index.data_ptr(), n, k, center.data_ptr(),
                                        float(positions), mean.data_ptr(), cov.data_ptr()):
-                raise IndexError(f"index has row numbers outside [0, {len(table)})")
-            return PatchMoments(module.weight, module.bias, mean, cov, n * positions)
+                raise IndexError(f"index has row numbers outside [0, {table.shape[0]})")
+            return PatchMoments(weight, bias, mean, cov, n * positions)
         dev, scatter = table.index_select(0, index).sum(0).split_with_sizes((k, k * k))
         cov = torch.addr(scatter.view(k, k), dev, dev, beta=1 / (n * positions), alpha=-1 / (n * n))
-        return PatchMoments(module.weight, module.bias, torch.add(center, dev, alpha=1 / n), cov, n * positions)
+        return PatchMoments(weight, bias, torch.add(center, dev, alpha=1 / n), cov, n * positions)
 
     def _alone(self, module: nn.Module) -> bool:
         # No hook but this loss's on the module, and no global module hook.
-        hooks = (module._forward_pre_hooks, module._forward_hooks)
-        return all(k in self._own for d in hooks for k in d) and not any(_global_hooks)
+        return self._own.issuperset(module._forward_pre_hooks) and self._own.issuperset(module._forward_hooks) \
+            and not any(_global_hooks)
 
     def _produce(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         moments = self._early.pop(id(module), None) if self._early else None
@@ -429,13 +432,15 @@ class StandardizationLoss:
         if not pending:
             self._last = ((), (), torch.zeros(0))
             return torch.zeros(())
+        names, sizes, layers = [], [], []
         for name, z, version in pending:
             if isinstance(z, PatchMoments):
                 if z.weight._version != version:
                     raise RuntimeError(
                         f"the weight of module '{name}' was modified in place (an optimizer step?) between the "
                         "forward pass and the standardization loss call; call the loss right after the forward")
-            elif z.dim() >= 2 and z.numel() <= z.shape[1]:  # at most one value per channel: no variance
+                sizes.append(z.weight.shape[0])
+            elif z.dim() < 2 or z.numel() <= z.shape[1]:  # at most one value per channel: no variance
                 raise ValueError(f"module '{name}' gave {tuple(z.shape)}: at most one value per channel, whose "
                                  "variance is undefined; the standardization loss needs a batch of at least 2 samples")
             elif z._version != version:
@@ -444,9 +449,12 @@ class StandardizationLoss:
                     "loss recorded it (e.g. by nn.ReLU(inplace=True) or `out += identity`), so its "
                     "pre-activation statistics are gone; make that operation out of place, or pass "
                     "copy=True (normlab.apply(model, 'std_loss', copy=True) / StandardizationLoss(..., copy=True))")
-        total, raw = _kl_total([z for _, z, _ in pending], self.eps, self.reduction)
-        sizes = tuple(z.weight.shape[0] if isinstance(z, PatchMoments) else z.shape[1] for _, z, _ in pending)
-        self._last = (tuple(name for name, _, _ in pending), sizes, raw)
+            else:
+                sizes.append(z.shape[1])
+            names.append(name)
+            layers.append(z)
+        total, raw = _kl_total(layers, self.eps, self.reduction)
+        self._last = (names, sizes, raw)
         return total * self.weight if self.weight != 1.0 else total
 
     def terms(self) -> dict[str, float]:
