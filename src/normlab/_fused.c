@@ -26,13 +26,11 @@ int nl_table_moments(const double *table, int64_t rows, const int64_t *idx, int6
         if (idx[i] < 0 || idx[i] >= rows) return -1;
     for (int64_t j = 0; j < k; j++) mean[j] = 0.0;
     for (int64_t j = 0; j < k * k; j++) cov[j] = 0.0;
-    /* The rows are scattered over a table of tens of MB, out of cache: ask for the next ones ahead. */
-    const int64_t ahead = 8;
-    for (int64_t i = 0; i < n && i < ahead; i++)
+    /* The rows are scattered over a table of tens of MB, out of cache: ask for all of them first
+     * (faster than a fixed distance ahead, or none, on the MNIST CNN's 128 rows of 90 doubles). */
+    for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < width; j += 8) __builtin_prefetch(table + idx[i] * width + j);
     for (int64_t i = 0; i < n; i++) {
-        if (i + ahead < n)
-            for (int64_t j = 0; j < width; j += 8) __builtin_prefetch(table + idx[i + ahead] * width + j);
         const double *row = table + idx[i] * width;
         for (int64_t j = 0; j < k; j++) mean[j] += row[j];
         for (int64_t j = 0; j < k * k; j++) cov[j] += row[k + j];
@@ -179,30 +177,44 @@ void nl_patch_grad(double gcw, const double *mean, const double *veps, const dou
  * d/dz = s (mu_c + (1 - r_c) (z - mu_c)) with s = g cw / (elements per channel), centred so that a
  * nearly constant channel far from 0 (r_c large) loses no precision: z - mu_c is taken as
  * (z - hi_c) - lo_c with mu_c = hi_c + lo_c split into two floats (the first difference is exact
- * near mu_c). Returns 0, or -1 (nothing written) if there is no memory for 4 C floats. */
-int nl_z_grad(const float *z, float *out, int64_t outer, int64_t C, int64_t inner, const double *mean,
-              const double *veps, double s) {
-    float *coef = malloc(4 * (size_t)C * sizeof(float));
+ * near mu_c). With inner = 1 (channels last, or (N, C)) the per-channel coefficients are repeated
+ * over a few rows, so that one long loop covers many rows at a time. Returns 0, or -1 (nothing
+ * written) if there is no memory for the coefficients. */
+int nl_z_grad(const float *restrict z, float *restrict out, int64_t outer, int64_t C, int64_t inner,
+              const double *mean, const double *veps, double s) {
+    int64_t reps = inner == 1 && C < 256 ? 256 / C : 1; /* rows per block */
+    if (reps > outer) reps = outer > 0 ? outer : 1;
+    const int64_t width = reps * C;
+    float *coef = malloc(4 * (size_t)width * sizeof(float));
     if (!coef) return -1;
-    float *hi = coef, *lo = coef + C, *a = coef + 2 * C, *b = coef + 3 * C;
+    float *restrict hi = coef, *restrict lo = coef + width, *restrict a = coef + 2 * width, *restrict b = coef + 3 * width;
     for (int64_t c = 0; c < C; c++) {
         hi[c] = (float)mean[c];
         lo[c] = (float)(mean[c] - (double)hi[c]);
         a[c] = (float)(s * (1.0 - 1.0 / veps[c]));
         b[c] = (float)(s * mean[c]);
     }
-    for (int64_t o = 0; o < outer; o++) {
-        if (inner == 1) {  /* channels last, or (N, C): one row of C values */
-            const float *zo = z + o * C;
-            float *oo = out + o * C;
-            for (int64_t c = 0; c < C; c++) oo[c] = b[c] + a[c] * ((zo[c] - hi[c]) - lo[c]);
-            continue;
+    if (inner == 1) {
+        for (int64_t j = C; j < width; j++) {
+            hi[j] = hi[j - C];
+            lo[j] = lo[j - C];
+            a[j] = a[j - C];
+            b[j] = b[j - C];
         }
-        for (int64_t c = 0; c < C; c++) {
-            const float *zo = z + (o * C + c) * inner;
-            float *oo = out + (o * C + c) * inner;
-            for (int64_t i = 0; i < inner; i++) oo[i] = b[c] + a[c] * ((zo[i] - hi[c]) - lo[c]);
+        const int64_t total = outer * C;
+        for (int64_t start = 0; start < total; start += width) {
+            const int64_t m = total - start < width ? total - start : width;
+            const float *zo = z + start;
+            float *oo = out + start;
+            for (int64_t j = 0; j < m; j++) oo[j] = b[j] + a[j] * ((zo[j] - hi[j]) - lo[j]);
         }
+    } else {
+        for (int64_t o = 0; o < outer; o++)
+            for (int64_t c = 0; c < C; c++) {
+                const float *zo = z + (o * C + c) * inner;
+                float *oo = out + (o * C + c) * inner;
+                for (int64_t i = 0; i < inner; i++) oo[i] = b[c] + a[c] * ((zo[i] - hi[c]) - lo[c]);
+            }
     }
     free(coef);
     return 0;
