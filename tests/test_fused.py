@@ -79,6 +79,15 @@ def test_loss_terms_and_gradients_equal_the_torch_path_in_float64(reduction, mon
 
 
 @needs_fused
+def test_the_c_path_has_no_second_derivative():
+    layers, leaves = _layers(2, constant=False)
+    total, _ = _kl_total(layers, 1e-5, "sum")
+    assert type(total.grad_fn).__name__.startswith("_FusedKL")
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(total, leaves, create_graph=True)
+
+
+@needs_fused
 def test_moments_of_a_channel_far_from_zero_keep_their_precision():
     # Values near 1e4 with a spread of 1: sums of their squares in float32 would keep no digit of the
     # variance; the C loops sum z - (the channel's first value). Channels last, contiguous and (N, C).

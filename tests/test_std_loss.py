@@ -620,3 +620,6 @@ def test_a_linear_layer_with_a_batch_of_one_is_named():
         m(torch.randn(1, 3))
         with pytest.raises(ValueError, match="module '0' gave \\(1, 4\\): at most one value per channel"):
             std()
+        m(torch.randn(3))  # one unbatched sample: a vector of features, no batch dim
+        with pytest.raises(ValueError, match="module '0' gave \\(4,\\): at most one value per channel"):
+            std()

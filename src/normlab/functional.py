@@ -280,6 +280,14 @@ def _constants(sizes: tuple[int, ...], counts: tuple[int, ...], mean: bool, devi
                       not mean or all(size == 1 for size in sizes))
 
 
+def _first_derivative_only() -> None:
+    # In a backward with create_graph=True a graph of the analytic backward would be wrong, not absent.
+    if torch.is_grad_enabled():
+        raise RuntimeError("the standardization loss has no second derivative: a backward with "
+                           "create_graph=True through it (a gradient penalty, a Hessian-vector product) is "
+                           "not supported")
+
+
 class _KL(torch.autograd.Function):
     """Per-layer standardization KL of several layers at once, with an analytic backward.
 
@@ -352,10 +360,7 @@ class _KL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph=True: a graph of this backward would be wrong, not absent
-            raise RuntimeError("the standardization loss has no second derivative: a backward with "
-                               "create_graph=True through it (a gradient penalty, a Hessian-vector product) is "
-                               "not supported")
+        _first_derivative_only()
         mean, veps, *saved = ctx.saved_tensors
         consts, layers, sizes = ctx.consts, ctx.layout, ctx.sizes
         # c = d loss / d kl_c: the incoming gradient itself (0-dim, broadcast) for the total of "sum"
@@ -434,10 +439,7 @@ class _FusedKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError("the standardization loss has no second derivative: a backward with "
-                               "create_graph=True through it (a gradient penalty, a Hessian-vector product) is "
-                               "not supported")
+        _first_derivative_only()
         buf, *zs = ctx.saved_tensors
         channels, _, steps = ctx.plan
         g, base, grads, zs = float(grad), buf.data_ptr(), [], iter(zs)
