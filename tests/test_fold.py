@@ -134,6 +134,32 @@ def test_linear_bn1d_and_reference_formula():
     assert_clean(folded)
 
 
+def test_a_norm_after_a_linear_on_a_sequence_is_guarded_or_kept():
+    # Linear on (N, L, F) acts on F, BatchNorm1d(L) on dim 1: nothing to fold, though the sizes match.
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))
+    warm_up(model, (8, 4, 6))
+    x = torch.randn(5, 4, 6)
+    with pytest.raises(AssertionError, match=r"'1' was folded into the Linear '0'.*fold\(model, example=x\)"):
+        fold(model)(x)  # without an example: folded as for (N, C), behind a guard, never silently wrong
+    with pytest.warns(UserWarning, match="after the Linear 0, whose output on the example has 3 dims"):
+        kept = fold(model, example=x)
+    assert isinstance(kept[1], nn.BatchNorm1d) and "1" in fold_report(model, example=(x,)).kept
+    assert_equivalent(model, kept, x)
+    with pytest.raises(ValueError, match="example: the model did not run on it"):
+        fold(model, example=torch.randn(5, 7))
+
+
+def test_a_norm_after_a_linear_on_n_c_folds_with_or_without_an_example():
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))
+    warm_up(model, (16, 6))
+    x = torch.randn(9, 6)
+    for folded in (fold(model), fold(model, example=x)):
+        assert isinstance(folded[1], nn.Identity)
+        assert_equivalent(model, folded, x)
+        assert_equivalent(model, torch.fx.symbolic_trace(folded), x)  # the guard traces
+        assert_clean(folded)
+
+
 def test_conv_channel_affine_and_std_loss_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4),

@@ -27,7 +27,13 @@ Finding "directly after": the model is traced with ``torch.fx`` (norm and conv/l
 leaves); a norm folds when its input is the output of a conv/linear node that has no other user
 (``nn.Identity`` and already-folded norms in between are skipped). When tracing fails (data-
 dependent control flow), plain ``nn.Sequential`` containers are scanned for adjacent pairs
-instead. A ``Linear`` followed by ``BatchNorm1d`` is folded assuming the ``(N, C)`` layout.
+instead.
+
+A norm after a ``Linear`` folds only where the ``Linear``'s output is ``(N, C)``: on ``(N, L, F)``
+(a sequence) a ``BatchNorm1d`` normalizes dim 1, not the ``Linear``'s features, and does not fold.
+The layout is not in the module graph, so such a norm is replaced by a guard (an ``nn.Identity``
+that raises on input that is not 2-D) instead of silently giving wrong outputs; pass an
+``example`` input to :func:`fold` to have the layout seen and such norms kept.
 """
 
 from __future__ import annotations
@@ -119,6 +125,45 @@ def _fold_pair(conv: nn.Module, scale: Tensor, shift: Tensor) -> None:
         conv.bias = nn.Parameter(shift.to(device=w.device, dtype=w.dtype))
     else:
         conv.bias.copy_((conv.bias.double() * scale + shift).to(conv.bias.dtype))
+
+
+class _FoldedAfterLinear(nn.Identity):
+    """``nn.Identity`` in place of a norm folded into the ``Linear`` before it, which is right only for
+    that ``Linear``'s ``(N, C)`` output: on any other input it raises, naming the layers (with
+    ``torch._assert``, so that the folded model still traces with ``torch.fx``)."""
+
+    def __init__(self, norm: str, linear: str) -> None:
+        super().__init__()
+        self.norm, self.linear = norm, linear
+        self.message = (
+            f"fold: '{norm}' was folded into the Linear '{linear}' for its (N, C) output, but gets input that is "
+            "not 2-D: there it normalizes dim 1, not the Linear's features, and does not fold, so this folded "
+            "model is wrong for such input. Fold with an example input, fold(model, example=x), which keeps "
+            "that layer, or run the model unfolded in eval mode")
+
+    def forward(self, x: Tensor) -> Tensor:
+        torch._assert(x.dim() == 2, self.message)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"folded into {self.linear!r} for (N, C) input"
+
+
+def _linear_layouts(model: nn.Module, names: set[str], example: object) -> dict[str, int]:
+    # The number of dims of each named Linear's output when model (in eval mode) runs on example.
+    dims: dict[str, int] = {}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: dims.__setitem__(n, out.dim() if isinstance(out, Tensor) else -1)) for n in names]
+    try:
+        with torch.no_grad():
+            model(*example) if isinstance(example, tuple) else model(example)
+    except Exception as err:
+        raise ValueError(f"example: the model did not run on it ({type(err).__name__}: {err}); pass an input "
+                         "the model takes (a tensor, or a tuple of its positional arguments)") from err
+    finally:
+        for h in handles:
+            h.remove()
+    return dims
 
 
 def _out_channels(conv: nn.Module) -> int:
@@ -277,7 +322,7 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
+def _fold(model: nn.Module, example: object = None) -> tuple[nn.Module, FoldReport]:
     report = FoldReport()
     model.eval()
     _bake_and_strip(model, report)
@@ -288,9 +333,18 @@ def _fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
         report.tracer = "sequential"
     else:
         pairs, kept = _pairs_fx(model, graph)
+    linears = {conv for _, conv, _ in pairs if isinstance(model.get_submodule(conv), nn.Linear)}
+    if example is not None and linears:
+        dims = _linear_layouts(model, linears, example)
+        for norm_name, conv_name, _ in pairs:
+            if dims.get(conv_name, 2) != 2:
+                kept[norm_name] = (f"after the Linear {conv_name}, whose output on the example has {dims[conv_name]} "
+                                   "dims: a norm normalizes dim 1 there, not the Linear's features")
+        pairs = [pair for pair in pairs if pair[0] not in kept]
     for norm_name, conv_name, (scale, shift) in pairs:
         _fold_pair(model.get_submodule(conv_name), scale, shift)
-        model.set_submodule(norm_name, nn.Identity().eval())
+        guard = _FoldedAfterLinear(norm_name, conv_name) if conv_name in linears else nn.Identity()
+        model.set_submodule(norm_name, guard.eval())
         report.folded[norm_name] = conv_name
     for name, m in model.named_modules():
         if name and _is_norm(m) and name not in report.folded and name not in kept:
@@ -302,7 +356,7 @@ def _fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     return model, report
 
 
-def fold(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> nn.Module:
+def fold(model: nn.Module, *, inplace: bool = False, warn: bool = True, example: object = None) -> nn.Module:
     """An eval-mode copy of ``model`` (or ``model`` itself with ``inplace=True``) with every
     batch-statistics layer folded into the conv/linear before it.
 
@@ -312,12 +366,17 @@ def fold(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> nn.Mo
     hooks and bakes weight parametrizations into plain weights. Normalization layers that cannot
     fold stay and, with ``warn=True``, are listed in a ``UserWarning``; :func:`fold_report` gives
     the details without changing anything.
+
+    ``example``: an input of the model (a tensor, or a tuple of its positional arguments), run once
+    in eval mode without gradients to see each ``Linear``'s output layout; a norm after a ``Linear``
+    whose output is not ``(N, C)`` then stays (see the module docstring). Without it such a norm is
+    folded as if the output were ``(N, C)``, behind a guard that raises on any other input.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
         model = _copy(model)
-    model, report = _fold(model)
+    model, report = _fold(model, example)
     if warn and report.kept:
         listed = "; ".join(f"{n or '(the model)'} ({why})" for n, why in report.kept.items())
         warnings.warn(f"fold: {len(report.kept)} normalization layer(s) could not be folded and stay in "
@@ -325,8 +384,8 @@ def fold(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> nn.Mo
     return model
 
 
-def fold_report(model: nn.Module) -> FoldReport:
+def fold_report(model: nn.Module, *, example: object = None) -> FoldReport:
     """What :func:`fold` would do to ``model`` (computed on a copy; ``model`` is not changed)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return _fold(_copy(model))[1]
+    return _fold(_copy(model), example)[1]
