@@ -1,4 +1,5 @@
-/* Fused CPU loops of the standardization loss (normlab.functional._KL), loaded with ctypes.
+/* Fused CPU loops of the standardization loss (normlab.functional._FusedKL and the per-example
+ * table of StandardizationLoss.batch), loaded with ctypes.
  *
  * Collins, Balle & Shlens 2019 (arXiv 1903.00925): per channel c of a layer,
  *     kl_c = 0.5 * (mu_c^2 + var_c - log(var_c + eps) - 1).
@@ -62,39 +63,39 @@ static double kl_terms(int64_t C, double eps, double cw, double *mean, double *v
  * is far from 0 against its spread), in float32 over blocks of at most 64 rows (or 512 values) and
  * in float64 across blocks: mean_c = s_c + S1 / n, var_c = S2 / n - (S1 / n)^2. */
 #define NL_BLOCK 64
+/* Sums of d = row[l] - sh[l] and of d^2 over rows [r0, r1) of w (<= 8) channels of C per row. Inlined
+ * into its callers, so that the call with w = 8 gets a loop of fixed length and its sums stay in
+ * registers. */
+static inline __attribute__((always_inline)) void block_sums(const float *z, int64_t C, int64_t r0, int64_t r1,
+                                                             int64_t w, const float *sh, float *f1, float *f2) {
+    for (int l = 0; l < 8; l++) f1[l] = f2[l] = 0.0f;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *row = z + r * C;
+        for (int64_t l = 0; l < w; l++) {
+            const float d = row[l] - sh[l];
+            f1[l] += d;
+            f2[l] += d * d;
+        }
+    }
+}
+
 double nl_z_kl(const float *z, int64_t outer, int64_t C, int64_t inner, double eps, double cw,
                double *mean, double *veps, double *raw) {
     const double n = (double)(outer * inner);
     double *s1 = mean, *s2 = veps; /* the sums, in place of the moments until the end */
     for (int64_t c = 0; c < C; c++) s1[c] = s2[c] = 0.0;
     if (inner == 1) {
-        /* rows of C values: 8 channels at a time, so that their sums stay in registers */
+        /* rows of C values: 8 channels at a time */
         for (int64_t c0 = 0; c0 < C; c0 += 8) {
             const int64_t w = C - c0 < 8 ? C - c0 : 8;
             float sh[8] = {0}, f1[8], f2[8];
             for (int64_t l = 0; l < w; l++) sh[l] = z[c0 + l];
             for (int64_t r0 = 0; r0 < outer; r0 += NL_BLOCK) {
                 const int64_t r1 = r0 + NL_BLOCK < outer ? r0 + NL_BLOCK : outer;
-                for (int l = 0; l < 8; l++) f1[l] = f2[l] = 0.0f;
-                if (w == 8) {
-                    for (int64_t r = r0; r < r1; r++) {
-                        const float *row = z + r * C + c0;
-                        for (int l = 0; l < 8; l++) {
-                            const float d = row[l] - sh[l];
-                            f1[l] += d;
-                            f2[l] += d * d;
-                        }
-                    }
-                } else {
-                    for (int64_t r = r0; r < r1; r++) {
-                        const float *row = z + r * C + c0;
-                        for (int64_t l = 0; l < w; l++) {
-                            const float d = row[l] - sh[l];
-                            f1[l] += d;
-                            f2[l] += d * d;
-                        }
-                    }
-                }
+                if (w == 8)
+                    block_sums(z + c0, C, r0, r1, 8, sh, f1, f2);
+                else
+                    block_sums(z + c0, C, r0, r1, w, sh, f1, f2);
                 for (int64_t l = 0; l < w; l++) {
                     s1[c0 + l] += f1[l];
                     s2[c0 + l] += f2[l];

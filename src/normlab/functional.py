@@ -178,7 +178,7 @@ def patch_moments(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride:
 
 def _load_fused() -> ctypes.CDLL | None:
     # The compiled loops of _fused.c (built by `pip install` where a C compiler is found), or None:
-    # then, or with NORMLAB_PURE_TORCH=1 set, _KL runs the same maths as torch operations.
+    # then, or with NORMLAB_PURE_TORCH=1 set, _KL runs the same maths as torch operations instead of _FusedKL.
     if os.environ.get("NORMLAB_PURE_TORCH", "") not in ("", "0"):
         return None
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
